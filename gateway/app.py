@@ -1,0 +1,49 @@
+"""The aiohttp application: routes, startup and shutdown — nothing else."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from . import endpoints
+from .config import Settings
+from .errors import error_payload
+from .runtime import Runtime
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """aiohttp's own HTTP errors (404, 405, 413 ...) in OpenAI's shape too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "http_error")
+        body = json.dumps(error_payload(f"{e.reason}: {request.method} {request.path}", "invalid_request_error", code))
+        return web.Response(status=e.status, body=body, content_type="application/json")
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
+    # The body limit is enforced by receive() with an OpenAI-shaped 413; aiohttp's own cap sits
+    # just above it so oversized uploads are still cut off early.
+    app = web.Application(middlewares=[openai_errors],
+                          client_max_size=settings.gateway.body_limit_bytes + 1024)
+    app[endpoints.RUNTIME] = runtime or Runtime.build(settings)
+    app.router.add_post("/v1/chat/completions", endpoints.chat_completions)
+    app.router.add_post("/chat/completions", endpoints.chat_completions)
+    app.router.add_get("/v1/models", endpoints.models)
+    app.router.add_get("/models", endpoints.models)
+    app.router.add_get("/healthz", endpoints.healthz)
+    app.router.add_get("/readyz", endpoints.readyz)
+
+    async def on_startup(app: web.Application) -> None:
+        await app[endpoints.RUNTIME].start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await app[endpoints.RUNTIME].stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

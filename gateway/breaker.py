@@ -1,0 +1,134 @@
+"""A circuit breaker per backend: an explicit state machine with named states and moves.
+
+    CLOSED --crash-class failures reach the threshold--> OPEN
+    OPEN --cool-down over and the background probe says ready--> HALF_OPEN
+    OPEN --probe says not ready--> OPEN (cool-down grows)
+    HALF_OPEN --the one trial request succeeds--> CLOSED
+    HALF_OPEN --the trial fails--> OPEN (cool-down grows)
+
+Only failures that say the backend is unhealthy arrive here (failures.Kind decides); a 429, a
+client mistake or a context overflow never opens a circuit. Time is passed in so tests can drive
+every transition without sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .config import Breaker as BreakerConfig
+
+
+class State(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+_ALLOWED = {
+    (State.CLOSED, State.OPEN),
+    (State.OPEN, State.HALF_OPEN),
+    (State.OPEN, State.OPEN),
+    (State.HALF_OPEN, State.CLOSED),
+    (State.HALF_OPEN, State.OPEN),
+}
+
+
+@dataclass
+class Transition:
+    at: float  # wall-clock time, for "open since ..."
+    old: State
+    new: State
+    why: str
+
+
+class CircuitBreaker:
+    def __init__(self, name: str, config: BreakerConfig) -> None:
+        self.name = name
+        self.config = config
+        self.state = State.CLOSED
+        self.cooldown = config.cooldown
+        self.opened_at = 0.0  # monotonic
+        self.opened_wall = 0.0
+        self.last_reason = ""
+        self.trial_in_flight = False
+        self._failures: deque[float] = deque()
+        self.history: deque[Transition] = deque(maxlen=50)
+
+    def _move(self, new: State, why: str) -> None:
+        if (self.state, new) not in _ALLOWED:
+            raise RuntimeError(f"breaker {self.name}: {self.state} -> {new} is not a valid transition")
+        self.history.append(Transition(time.time(), self.state, new, why))
+        self.state = new
+
+    # -- what routing asks ---------------------------------------------------------------------
+    def allows(self) -> bool:
+        if self.state is State.CLOSED:
+            return True
+        if self.state is State.HALF_OPEN:
+            return not self.trial_in_flight
+        return False
+
+    def begin(self) -> None:
+        """A request is about to be sent; in HALF_OPEN it is the one trial."""
+        if self.state is State.HALF_OPEN:
+            self.trial_in_flight = True
+
+    def describe(self) -> str:
+        if self.state is State.OPEN:
+            since = time.strftime("%H:%M:%S", time.localtime(self.opened_wall))
+            return f"{self.name} circuit open since {since} ({self.last_reason})"
+        if self.state is State.HALF_OPEN:
+            return f"{self.name} circuit half-open (trial in flight)"
+        return f"{self.name} circuit closed"
+
+    # -- what dispatch reports -----------------------------------------------------------------
+    def record_success(self) -> None:
+        self._failures.clear()
+        if self.state is State.HALF_OPEN:
+            self.trial_in_flight = False
+            self.cooldown = self.config.cooldown
+            self._move(State.CLOSED, "trial request succeeded")
+
+    def record_failure(self, reason: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.state is State.HALF_OPEN:
+            self.trial_in_flight = False
+            self._open(now, reason, grow=True)
+            return
+        if self.state is State.OPEN:
+            return
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > self.config.window:
+            self._failures.popleft()
+        if len(self._failures) >= self.config.failure_threshold:
+            self._open(now, reason, grow=False)
+
+    def release_trial(self) -> None:
+        """The trial ended without a verdict (client went away): let the next request try."""
+        self.trial_in_flight = False
+
+    # -- what the prober drives ----------------------------------------------------------------
+    def probe_due(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return self.state is State.OPEN and now - self.opened_at >= self.cooldown
+
+    def probe_result(self, ready: bool, detail: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.state is not State.OPEN:
+            return
+        if ready:
+            self._move(State.HALF_OPEN, f"probe: {detail}")
+        else:
+            self._open(now, f"probe: {detail}", grow=True)
+
+    def _open(self, now: float, reason: str, grow: bool) -> None:
+        if grow:
+            self.cooldown = min(self.cooldown * 2, self.config.max_cooldown)
+        self.opened_at = now
+        self.opened_wall = time.time()
+        self.last_reason = reason
+        self._failures.clear()
+        self._move(State.OPEN, reason)

@@ -1,0 +1,217 @@
+"""`switchyard` command line: serve, explain, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import ConfigError, LiteLLMBackend, LlamaCppBackend, Settings, load_settings
+
+DEFAULT_CONFIG = os.environ.get("SWITCHYARD_CONFIG", "switchyard.yaml")
+
+
+def _load(path: str) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        print(f"switchyard: invalid configuration:\n{e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+# ---- serve -------------------------------------------------------------------------------------
+
+async def _answers(url: str) -> bool:
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+            return r.status in (200, 503)
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def _serve(settings: Settings, host: str, port: int) -> None:
+    from aiohttp import web
+
+    from .app import create_app
+    from .backends.llamacpp import LlamaCppBackend as Local
+    from .embedded import LlamaServer, locate
+    from .endpoints import RUNTIME
+
+    app = create_app(settings)
+    rt = app[RUNTIME]
+    embedded: list[LlamaServer] = []
+    notes: list[str] = []
+    for name, cfg in settings.gateway.backends.items():
+        if isinstance(cfg, LlamaCppBackend) and cfg.embedded and not await _answers(cfg.url):
+            print(f"switchyard: nothing answers at {cfg.url} for backend {name!r}; "
+                  "starting the embedded llama-server (SmolLM2-135M)...", file=sys.stderr)
+            try:
+                artifacts = await asyncio.to_thread(locate, True)
+                server = LlamaServer(artifacts, ctx=min(cfg.context_limit or 8192, 8192))
+                await server.start()
+            except RuntimeError as e:
+                notes.append(f"{name}: embedded llama-server could not start: {e}")
+                continue
+            embedded.append(server)
+            backend = rt.backends[name]
+            assert isinstance(backend, Local)
+            backend.retarget(server.url)
+            notes.append(f"{name}: embedded SmolLM2-135M at {server.url} (nothing answered at {cfg.url}; "
+                         f"set backends.{name}.url in {settings.path} to your llama-server)")
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    _banner(settings, rt, host, port, notes)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        for server in embedded:
+            server.stop()
+
+
+def _banner(settings: Settings, rt: Any, host: str, port: int, notes: list[str]) -> None:
+    lines = [f"switchyard listening on http://{host}:{port}/v1  (config {settings.path}, "
+             f"teams: {', '.join(sorted(settings.policies))})"]
+    for name, backend in rt.backends.items():
+        probe = rt.last_probe.get(name)
+        cfg = settings.gateway.backends[name]
+        if isinstance(cfg, LiteLLMBackend):
+            if cfg.api_key_env and not cfg.api_key:
+                state = f"NOT LIVE: set {cfg.api_key_env} to use it"
+            else:
+                state = "live (key set)" if cfg.api_key_env else "live"
+            where = f"{cfg.model} at {cfg.api_base or 'provider default'}"
+        else:
+            state = "live" if probe and probe.ready else f"NOT LIVE: {probe.detail if probe else '?'}"
+            where = f"llama.cpp at {backend.url} (context {backend.context_window})"
+        lines.append(f"  {name:<10} {state:<40} {where}")
+    lines += [f"  note: {n}" for n in notes]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    host = args.host or settings.gateway.listen.host
+    port = args.port if args.port is not None else settings.gateway.listen.port
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(settings, host, port))
+    return 0
+
+
+# ---- explain -----------------------------------------------------------------------------------
+
+async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str], live: bool) -> dict[str, Any]:
+    from .errors import GatewayError
+    from .receive import parse_chat
+    from .runtime import Runtime
+
+    rt = Runtime.build(settings)
+    try:
+        if live:
+            await rt.refresh_all()
+        req = parse_chat(raw, headers)
+        policy = rt.policy
+        profile = rt.classifier.classify(req, policy)
+        out: dict[str, Any] = {
+            "team": profile.team, "role": profile.role, "role_source": profile.role_source,
+            "client": profile.client, "session": profile.session, "model": profile.model,
+            "bytes": profile.size.nbytes, "tokens_in": profile.tokens_in, "output_reserve": profile.output_reserve,
+        }
+        try:
+            route = await rt.decider.decide(req.body, req.headers, profile, policy)
+        except GatewayError as e:
+            out.update(route=[], reason=e.message, error={"status": e.status, "code": e.code})
+            return out
+        out.update(tokens_in=route.tokens_in, tokens_method=route.tokens_method, route=route.describe(),
+                   reason=route.reason, rule=route.rule)
+        if live:
+            out["backends"] = {n: {"ready": p.ready, "detail": p.detail} for n, p in rt.last_probe.items()}
+            out["circuits"] = {n: b.describe() for n, b in rt.breakers.items()}
+        return out
+    finally:
+        for b in rt.backends.values():
+            await b.close()
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    raw = sys.stdin.buffer.read() if args.request == "-" else Path(args.request).read_bytes()
+    headers: CIMultiDict[str] = CIMultiDict()
+    for h in args.header or []:
+        name, sep, value = h.partition(":")
+        if not sep:
+            print(f"switchyard explain: --header must look like 'Name: value', got {h!r}", file=sys.stderr)
+            return 2
+        headers.add(name.strip(), value.strip())
+    from .errors import GatewayError
+
+    try:
+        out = asyncio.run(_explain(settings, raw, CIMultiDictProxy(headers), args.live))
+    except GatewayError as e:
+        print(json.dumps(e.payload()), file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+# ---- check -------------------------------------------------------------------------------------
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(f"ok: {settings.path} with {len(settings.policies)} policy file(s): "
+          + ", ".join(str(p) for p in settings.policy_files.values()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("SWITCHYARD_LOG_LEVEL", "INFO"), format="%(message)s",
+                        stream=sys.stderr)
+    for noisy in ("LiteLLM", "litellm", "httpx", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(prog="switchyard", description="OpenAI-compatible LLM routing gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="path to switchyard.yaml")
+    p.add_argument("--host", help="listen address (default: from config)")
+    p.add_argument("--port", type=int, help="listen port (default: from config)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("explain", help="show how a request would be classified and routed, without sending it")
+    p.add_argument("request", help="a chat completion request body (JSON file, or - for stdin)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--header", action="append", metavar="'Name: value'", help="a request header (repeatable)")
+    p.add_argument("--live", action="store_true", help="ask the backends for their live state first")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("check", help="validate the config and every policy file")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

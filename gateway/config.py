@@ -1,0 +1,374 @@
+"""Switchyard's configuration: `switchyard.yaml` (listen address, backends) and `policies/*.yaml`.
+
+Validated with pydantic; every error names the file, the line, the field and the reason, because a
+gateway that refuses to start must say exactly why. Loading never mutates the running config: the
+caller swaps in the new one only when the whole set validated (hot reload keeps the last good one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROLES = (
+    "main", "subagent", "compaction", "title", "summary", "tags", "follow_up", "query",
+    "autocomplete", "emoji", "image_prompt", "function_calling", "moa", "memory",
+)
+Role = Literal[
+    "main", "subagent", "compaction", "title", "summary", "tags", "follow_up", "query",
+    "autocomplete", "emoji", "image_prompt", "function_calling", "moa", "memory",
+]
+INTERACTIVE_ROLES = frozenset({"main", "subagent"})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(Strict):
+    connect: float = Field(5.0, gt=0, description="seconds to open the TCP connection")
+    first_byte: float = Field(300.0, gt=0, description="seconds until the first response byte")
+    idle: float = Field(120.0, gt=0, description="seconds of silence allowed between chunks")
+    total: float = Field(3600.0, gt=0, description="seconds for the whole response")
+
+
+class Backoff(Strict):
+    """How long a 429 may be waited out on the same backend before moving on."""
+
+    max_wait: float = Field(10.0, ge=0, description="cap on a single wait, seconds")
+    budget: float = Field(20.0, ge=0, description="total waiting allowed per request, seconds")
+    attempts: int = Field(4, ge=1, description="tries on this backend, the first included")
+
+
+class Breaker(Strict):
+    failure_threshold: int = Field(1, ge=1, description="crash-class failures within window that open it")
+    window: float = Field(60.0, gt=0)
+    cooldown: float = Field(5.0, gt=0, description="first open period; doubles on each failed probe")
+    max_cooldown: float = Field(120.0, gt=0)
+
+
+class BackendBase(Strict):
+    model: str | None = Field(None, description="the model id sent upstream (llama.cpp router picks by it)")
+    context_limit: int | None = Field(None, gt=0, description="tokens; the safe ceiling for this backend")
+    max_concurrency: int | None = Field(None, ge=1)
+    timeouts: Timeouts = Timeouts()
+    backoff: Backoff = Backoff()
+    breaker: Breaker | None = None
+    rate_limit_per_minute: float | None = Field(None, gt=0)
+
+
+class LlamaCppBackend(BackendBase):
+    kind: Literal["llamacpp"]
+    url: str = "http://127.0.0.1:8080"
+    context_limit: int | None = Field(32768, gt=0)
+    max_concurrency: int | None = Field(1, ge=1)
+    embedded: bool = Field(
+        True, description="when nothing answers at url, `switchyard serve` starts the bundled llama-server"
+    )
+    breaker: Breaker | None = Breaker(failure_threshold=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class LiteLLMBackend(BackendBase):
+    kind: Literal["litellm"]
+    model: str = Field(..., description="a litellm model id, e.g. openai/responses/gpt-5-nano")
+    api_base: str | None = None
+    api_key_env: str | None = Field(None, description="name of the env var that holds the key")
+    session_header: str | None = Field(
+        None, description="upstream header that receives the client's session id (zen: x-opencode-session)"
+    )
+    extra_headers: dict[str, str] = {}
+    breaker: Breaker | None = Breaker(failure_threshold=3, window=60.0, cooldown=10.0)
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+BackendConfig = Annotated[LlamaCppBackend | LiteLLMBackend, Field(discriminator="kind")]
+
+
+class Listen(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(4000, ge=0, le=65535)
+
+
+class GatewayConfig(Strict):
+    listen: Listen = Listen()
+    body_limit_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    policies_dir: str = "policies"
+    data_dir: str = "~/.local/share/switchyard"
+    default_team: str = "default"
+    backends: dict[str, BackendConfig]
+
+    @field_validator("backends")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("at least one backend is required")
+        for name in v:
+            if name in ("auto",):
+                raise ValueError(f"backend name {name!r} is reserved")
+        return v
+
+
+# ---- policies --------------------------------------------------------------------------------
+
+class Range(Strict):
+    min: int | None = Field(None, ge=0)
+    max: int | None = Field(None, ge=0)
+
+    def contains(self, n: int) -> bool:
+        return (self.min is None or n >= self.min) and (self.max is None or n <= self.max)
+
+
+def _as_list(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+class Match(Strict):
+    """All given fields must hold (AND); a list means any of its values (OR)."""
+
+    role: list[Role] | None = None
+    client: list[str] | None = None
+    model: list[str] | None = None
+    session: list[str] | None = None
+    tokens_in: Range | None = None
+    tokens_total: Range | None = None
+    headers: dict[str, str] | None = Field(None, description="header name -> exact value ('*' = present)")
+
+    _lists = field_validator("role", "client", "model", "session", mode="before")(_as_list)
+
+
+class Rule(Strict):
+    name: str | None = None
+    match: Match = Match()
+    route: list[str] = Field(..., min_length=1)
+    local_ceiling: int | None = Field(None, gt=0)
+    output_reserve: int | None = Field(None, ge=0)
+    max_queue_wait: float | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, gt=0, description="clamp the request's max_tokens")
+
+
+class Signature(Strict):
+    """A prompt signature: the role a request has when its prompt looks like this."""
+
+    role: Role
+    system_prefix: list[str] | None = None
+    last_user_prefix: list[str] | None = None
+    only_user_message: bool = False
+
+    _lists = field_validator("system_prefix", "last_user_prefix", mode="before")(_as_list)
+
+    @model_validator(mode="after")
+    def _something(self) -> Signature:
+        if not (self.system_prefix or self.last_user_prefix):
+            raise ValueError("a signature needs system_prefix or last_user_prefix")
+        return self
+
+
+class Policy(Strict):
+    team: str
+    keys: list[str] = Field([], description="sha256 hex digests of the team's API keys")
+    allowed_models: list[str] | None = Field(None, description="virtual models the team may ask for")
+    allowed_backends: list[str] | None = None
+    output_reserve: int = Field(4096, ge=0, description="tokens kept free for the answer")
+    local_ceiling: int | None = Field(None, gt=0, description="tokens; default: the backend's context_limit")
+    max_queue_wait: float = Field(30.0, ge=0, description="seconds a request may wait for a local slot")
+    task_models: list[str] = Field(["switchyard-task"], description="model ids that mean 'background task'")
+    signatures: list[Signature] = Field([], description="extra prompt signatures, tried before the pack")
+    rules: list[Rule] = Field(..., min_length=1)
+
+    @field_validator("keys")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+                raise ValueError("keys must be sha256 hex digests (64 lowercase hex chars), never raw keys")
+        return v
+
+    @model_validator(mode="after")
+    def _default_rule_last(self) -> Policy:
+        last = self.rules[-1].match
+        if any(getattr(last, f) is not None for f in Match.model_fields):
+            raise ValueError("the last rule must be a default rule with no `match` (it catches everything)")
+        return self
+
+
+# ---- loading with file:line errors ------------------------------------------------------------
+
+_M = TypeVar("_M", bound=BaseModel)
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int | None
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.reason}" if self.field else f"{where}: {self.reason}"
+
+
+class ConfigError(Exception):
+    def __init__(self, issues: Iterable[ConfigIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+def _node_at(node: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
+    """The deepest YAML node along a pydantic error location (for its line number)."""
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == str(part)), None)
+            if nxt is None:
+                return node
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {e.strerror}")]) from e
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(e, "problem", None) or str(e)
+        raise ConfigError([ConfigIssue(str(path), line, "", f"invalid YAML: {reason}")]) from e
+    return data, node
+
+
+def _issues(path: Path, node: yaml.Node | None, err: ValidationError) -> list[ConfigIssue]:
+    out = []
+    for e in err.errors():
+        # Drop pydantic's discriminator tags ("llamacpp") so the field path reads as in the file.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("llamacpp", "litellm")))
+        target = _node_at(node, loc)
+        line = target.start_mark.line + 1 if target is not None else None
+        field = ".".join(str(p) for p in loc)
+        reason = e["msg"].removeprefix("Value error, ")
+        out.append(ConfigIssue(str(path), line, field, reason))
+    return out
+
+
+def _validate(model: type[_M], path: Path) -> _M:
+    data, node = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(str(path), 1, "", "expected a mapping at the top level")])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_issues(path, node, e)) from e
+
+
+def _line_of(path: Path, *keys: str | int) -> int | None:
+    try:
+        _, node = _read_yaml(path)
+    except ConfigError:
+        return None
+    target = _node_at(node, keys)
+    return target.start_mark.line + 1 if target is not None else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything loaded: the gateway config and one policy per team."""
+
+    path: Path
+    gateway: GatewayConfig
+    policies: dict[str, Policy]
+    policy_files: dict[str, Path]
+
+    @property
+    def default_policy(self) -> Policy:
+        return self.policies[self.gateway.default_team]
+
+
+def policies_dir_of(config_path: Path, gateway: GatewayConfig) -> Path:
+    d = Path(os.path.expanduser(gateway.policies_dir))
+    return d if d.is_absolute() else (config_path.parent / d)
+
+
+def load_gateway(path: Path) -> GatewayConfig:
+    return _validate(GatewayConfig, path)
+
+
+def load_policies(directory: Path, gateway: GatewayConfig) -> tuple[dict[str, Policy], dict[str, Path]]:
+    """Validate every policy file; report all problems at once, each with file and line."""
+    issues: list[ConfigIssue] = []
+    policies: dict[str, Policy] = {}
+    files: dict[str, Path] = {}
+    key_owner: dict[str, str] = {}
+    paths = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
+    if not paths:
+        issues.append(ConfigIssue(str(directory), None, "", "no policy files (*.yaml) found"))
+    for path in paths:
+        try:
+            policy = _validate(Policy, path)
+        except ConfigError as e:
+            issues.extend(e.issues)
+            continue
+        issues.extend(_check_references(path, policy, gateway))
+        if policy.team in policies:
+            issues.append(ConfigIssue(str(path), _line_of(path, "team"), "team",
+                                      f"team {policy.team!r} is already defined in {files[policy.team]}"))
+            continue
+        for i, h in enumerate(policy.keys):
+            if h in key_owner:
+                issues.append(ConfigIssue(str(path), _line_of(path, "keys", i), f"keys.{i}",
+                                          f"this key hash is also a key of team {key_owner[h]!r}"))
+            key_owner[h] = policy.team
+        policies[policy.team] = policy
+        files[policy.team] = path
+    if not issues and gateway.default_team not in policies:
+        issues.append(ConfigIssue(str(directory), None, "default_team",
+                                  f"no policy file defines the default team {gateway.default_team!r}"))
+    if issues:
+        raise ConfigError(issues)
+    return policies, files
+
+
+def _check_references(path: Path, policy: Policy, gateway: GatewayConfig) -> list[ConfigIssue]:
+    issues = []
+    known = set(gateway.backends)
+    for i, rule in enumerate(policy.rules):
+        for j, name in enumerate(rule.route):
+            if name not in known:
+                issues.append(ConfigIssue(str(path), _line_of(path, "rules", i, "route", j),
+                                          f"rules.{i}.route.{j}",
+                                          f"unknown backend {name!r} (known: {', '.join(sorted(known))})"))
+    for j, name in enumerate(policy.allowed_backends or []):
+        if name not in known:
+            issues.append(ConfigIssue(str(path), _line_of(path, "allowed_backends", j),
+                                      f"allowed_backends.{j}", f"unknown backend {name!r}"))
+    return issues
+
+
+def load_settings(config_path: str | os.PathLike[str]) -> Settings:
+    path = Path(config_path)
+    gateway = load_gateway(path)
+    pdir = policies_dir_of(path, gateway)
+    policies, files = load_policies(pdir, gateway)
+    return Settings(path=path, gateway=gateway, policies=policies, policy_files=files)

@@ -1,0 +1,181 @@
+"""Step 3: decide. Profile + the team's policy + live backend state -> an ordered Route.
+
+The policy's first matching rule gives the candidate order; each candidate is then kept only if
+the request fits it (never send the local server a request past its safe ceiling) and its circuit
+lets traffic through. The reason is one line a human can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import tokens as tk
+from .backends.base import Backend
+from .breaker import CircuitBreaker
+from .classify import RequestProfile
+from .config import Match, Policy, Rule
+from .errors import ContextLengthExceeded, ModelNotFound, NoBackendAvailable
+
+# Hosted providers answer an overflow themselves (and we relay it as context_length_exceeded), so
+# for them a likely bound is enough; for the local server a wrong guess is a segfault: strict bound.
+HOSTED_LIKELY_BYTES_PER_TOKEN = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    backend: str
+    place: str
+    max_queue_wait: float
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    steps: tuple[Step, ...]
+    reason: str
+    rule: str
+    tokens_in: int
+    tokens_method: str  # bytes | exact | estimate
+    max_tokens: int | None = None  # clamp from the rule
+    notes: tuple[str, ...] = field(default=())
+
+    def describe(self) -> list[dict[str, str]]:
+        return [{"backend": s.backend, "kind": s.place} for s in self.steps]
+
+
+def rule_matches(match: Match, profile: RequestProfile, headers: Mapping[str, str]) -> bool:
+    if match.role is not None and profile.role not in match.role:
+        return False
+    if match.client is not None and profile.client not in match.client:
+        return False
+    if match.model is not None and profile.model not in match.model:
+        return False
+    if match.session is not None and profile.session not in match.session:
+        return False
+    if match.tokens_in is not None and not match.tokens_in.contains(profile.tokens_in):
+        return False
+    if match.tokens_total is not None and not match.tokens_total.contains(
+            profile.tokens_in + profile.output_reserve):
+        return False
+    if match.headers:
+        for name, want in match.headers.items():
+            got = headers.get(name)
+            if got is None or (want != "*" and got != want):
+                return False
+    return True
+
+
+def first_rule(policy: Policy, profile: RequestProfile, headers: Mapping[str, str]) -> tuple[int, Rule]:
+    for i, rule in enumerate(policy.rules):
+        if rule_matches(rule.match, profile, headers):
+            return i, rule
+    raise AssertionError("policy validation guarantees a default rule")  # pragma: no cover
+
+
+@dataclass
+class _Fit:
+    fits: bool
+    tokens: int
+    method: str
+    limit: int | None
+
+
+class Decider:
+    def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker]) -> None:
+        self.backends = backends
+        self.breakers = breakers
+
+    def model_ids(self, policy: Policy) -> list[str]:
+        return ["auto", *self.backends, *policy.task_models]
+
+    async def decide(self, body: dict[str, Any], headers: Mapping[str, str], profile: RequestProfile,
+                     policy: Policy) -> Route:
+        if profile.model in self.backends:
+            idx, rule = -1, Rule(name=f"pinned to {profile.model}", route=[profile.model])
+            rule_desc = f"model {profile.model!r} pins the backend"
+        elif profile.model == "auto" or profile.model in policy.task_models:
+            idx, rule = first_rule(policy, profile, headers)
+            rule_desc = f"rule {rule.name or idx + 1!s} (role {profile.role})"
+        else:
+            raise ModelNotFound(
+                f"model {profile.model!r} does not exist here; use one of: "
+                + ", ".join(self.model_ids(policy)))
+        allowed = policy.allowed_backends
+        reserve = rule.output_reserve if rule.output_reserve is not None else profile.output_reserve
+        if rule.max_tokens is not None and profile.max_tokens is not None:
+            reserve = min(reserve, rule.max_tokens)
+        queue_wait = rule.max_queue_wait if rule.max_queue_wait is not None else policy.max_queue_wait
+
+        steps: list[Step] = []
+        notes: list[str] = []
+        too_big: list[str] = []
+        open_circuits: list[str] = []
+        best: _Fit | None = None
+        exact: dict[str, int | None] = {}
+        for name in rule.route:
+            if allowed is not None and name not in allowed:
+                continue
+            backend = self.backends[name]
+            fit = await self._fit(backend, body, profile, reserve, rule, policy, exact)
+            if best is None or (fit.fits and not (best.fits)):
+                best = fit
+            if not fit.fits:
+                too_big.append(f"{fit.tokens:,}+{reserve:,} tokens > {name} ceiling {fit.limit:,}")
+                continue
+            breaker = self.breakers.get(name)
+            if breaker is not None and not breaker.allows():
+                open_circuits.append(breaker.describe())
+                continue
+            steps.append(Step(name, backend.place, queue_wait))
+        tokens = best.tokens if best else profile.tokens_in
+        method = best.method if best else "bytes"
+        notes = too_big + open_circuits
+        if not steps:
+            if too_big and not open_circuits:
+                raise ContextLengthExceeded(
+                    f"This request needs {tokens:,} input tokens plus {reserve:,} reserved for the answer, "
+                    f"which exceeds every backend it may use: {'; '.join(too_big)}. "
+                    "Compact the conversation or shorten the prompt.")
+            raise NoBackendAvailable(
+                "no backend can take this request now: " + "; ".join(notes or ["none allowed"]),
+                headers={"Retry-After": str(self._retry_after(open_circuits))})
+        order = " -> ".join(s.backend for s in steps)
+        reason = f"{rule_desc}: {order}"
+        if notes:
+            reason += " (" + "; ".join(notes) + ")"
+        return Route(tuple(steps), reason, rule.name or str(idx + 1), tokens, method,
+                     rule.max_tokens, tuple(notes))
+
+    def _retry_after(self, open_circuits: list[str]) -> int:
+        waits = [b.cooldown for b in self.breakers.values() if not b.allows()]
+        return max(1, int(min(waits))) if waits else 5
+
+    async def _fit(self, backend: Backend, body: dict[str, Any], profile: RequestProfile, reserve: int,
+                   rule: Rule, policy: Policy, exact: dict[str, int | None]) -> _Fit:
+        size = profile.size
+        if backend.place == "local":
+            limits = [n for n in (backend.context_window, rule.local_ceiling or policy.local_ceiling) if n]
+            limit = min(limits) if limits else None
+            if limit is None:
+                return _Fit(True, size.estimate, "estimate", None)
+            if size.upper + reserve <= limit:
+                return _Fit(True, size.estimate, "bytes", limit)
+            if size.lower + reserve > limit:
+                return _Fit(False, size.estimate, "bytes", limit)
+            if backend.name not in exact:
+                exact[backend.name] = await backend.count_tokens(body)
+            n = exact[backend.name]
+            if n is None:  # the server can't count now: a calibrated estimate, reported as such
+                return _Fit(size.estimate + reserve <= limit, size.estimate, "estimate", limit)
+            return _Fit(n + reserve <= limit, n, "exact", limit)
+        limit = backend.context_window
+        if limit is None:
+            return _Fit(True, size.estimate, "estimate", None)
+        likely_upper = int(size.nbytes / HOSTED_LIKELY_BYTES_PER_TOKEN)
+        if likely_upper <= limit:
+            return _Fit(True, size.estimate, "bytes", limit)
+        if size.lower > limit:
+            return _Fit(False, size.estimate, "bytes", limit)
+        n = tk.count_tiktoken(body)
+        return _Fit(n <= limit, n, "exact", limit)

@@ -1,0 +1,89 @@
+"""HTTP endpoints. The chat handler reads top to bottom as the request's path:
+receive -> classify -> decide -> dispatch (-> relay) -> record."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from aiohttp import web
+
+from .errors import GatewayError
+from .receive import receive
+from .record import Decision
+from .runtime import Runtime
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    started = time.monotonic()
+    policy = rt.policy
+    decision = Decision(id=uuid.uuid4().hex[:16], team=policy.team)
+    try:
+        req = await receive(request, rt.settings.gateway.body_limit_bytes)
+        profile = rt.classifier.classify(req, policy)
+        decision.role, decision.client, decision.session = profile.role, profile.client, profile.session
+        decision.model, decision.stream = req.model, req.stream
+        decision.output_reserve = profile.output_reserve
+        route = await rt.decider.decide(req.body, req.headers, profile, policy)
+        decision.tokens_in, decision.tokens_method = route.tokens_in, route.tokens_method
+        decision.route, decision.reason = [s.backend for s in route.steps], route.reason
+        return await rt.dispatcher.dispatch(request, req, profile, route, decision, started)
+    except GatewayError as e:
+        decision.outcome, decision.status, decision.error_code = "error", e.status, e.code
+        decision.reason = decision.reason or e.message[:200]
+        extra = {"x-switchyard-role": decision.role} if decision.role else {}
+        return e.response(extra)
+    except asyncio.CancelledError:
+        decision.outcome = "client_gone"
+        raise
+    finally:
+        decision.total_ms = (time.monotonic() - started) * 1000
+        rt.recorder.record(decision)
+
+
+async def models(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    created = int(rt.settings.path.stat().st_mtime) if rt.settings.path.exists() else 0
+    data = [{"id": "auto", "object": "model", "created": created, "owned_by": "switchyard",
+             "description": "routed by policy"}]
+    for name, backend in rt.backends.items():
+        data.append({"id": name, "object": "model", "created": created, "owned_by": f"switchyard:{backend.place}",
+                     "context_window": backend.context_window})
+    for task_model in rt.policy.task_models:
+        data.append({"id": task_model, "object": "model", "created": created, "owned_by": "switchyard",
+                     "description": "background tasks (Open WebUI TASK_MODEL_EXTERNAL)"})
+    return web.json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    backends = {}
+    for name, b in rt.backends.items():
+        probe = rt.last_probe.get(name)
+        breaker = rt.breakers.get(name)
+        queue = rt.queues.get(name)
+        backends[name] = {
+            "kind": b.place,
+            "ready": probe.ready if probe else None,
+            "detail": probe.detail if probe else "not probed yet",
+            "context_window": b.context_window,
+            "circuit": breaker.state if breaker else None,
+            "circuit_detail": breaker.describe() if breaker else None,
+            "queue": {"busy": queue.busy, "waiting": queue.waiting, "capacity": queue.capacity} if queue else None,
+        }
+    ready = any(v["ready"] and v["circuit"] != "open" for v in backends.values())
+    body = {"status": "ready" if ready else "degraded", "config": str(rt.settings.path),
+            "policies": sorted(rt.settings.policies), "policy_errors": rt.policy_errors, "backends": backends}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise web.HTTPNotFound()

@@ -1,0 +1,111 @@
+"""Every error Switchyard itself answers with, in OpenAI's shape.
+
+One class per kind so that status, `type` and `code` are decided here and nowhere else. Handlers
+raise these; the app turns them into `{"error": {"message", "type", "code"}}` responses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+    def payload(self) -> dict[str, Any]:
+        return error_payload(self.message, self.type, self.code)
+
+    def body(self) -> bytes:
+        return json.dumps(self.payload()).encode()
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        headers = {**self.headers, **(extra_headers or {})}
+        return web.Response(
+            status=self.status, body=self.body(), content_type="application/json", headers=headers
+        )
+
+
+def error_payload(message: str, type_: str, code: str | int | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(GatewayError):
+    # 400 + this code is what makes opencode compact and retry instead of failing (clients.md).
+    status = 400
+    type = "invalid_request_error"
+    code = "context_length_exceeded"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(GatewayError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class NoBackendAvailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "no_backend_available"
+
+
+class UpstreamFailed(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"

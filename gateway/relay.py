@@ -1,0 +1,138 @@
+"""Step 5: relay. Upstream bytes go to the client as they arrive — never buffered.
+
+Per chunk the relay only looks for three byte patterns (`[DONE]`, a usage object, an error
+event), so a stream costs almost nothing to pass through. It guarantees a well-formed end: a
+stream that breaks gets an SSE error event and `[DONE]`; a client that asked for usage always
+gets a usage chunk (opencode decides compaction from it). Closing the upstream is in `finally`,
+so a client that goes away cancels the generation and frees the local slot at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import failures
+from .backends.base import Upstream
+from .errors import error_payload
+
+_DONE = b"data: [DONE]"
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+_ERROR_MARKERS = (b'data: {"error"', b'data:{"error"')
+
+
+@dataclass(slots=True)
+class Outcome:
+    ok: bool = False
+    usage: dict[str, Any] | None = None
+    failure: failures.UpstreamFailure | None = None
+    client_gone: bool = False
+    first_byte_s: float = 0.0
+    chunks: int = 0
+
+
+def _usage_from_json(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def _usage_from_sse(chunk: bytes) -> dict[str, Any] | None:
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data:") and any(m in line for m in _USAGE_MARKERS):
+            found = _usage_from_json(line[5:].strip())
+            if found:
+                return found
+    return None
+
+
+async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str, str],
+                     started: float) -> tuple[web.StreamResponse, Outcome]:
+    outcome = Outcome(ok=True, first_byte_s=time.monotonic() - started)
+    outcome.usage = upstream.usage or _usage_from_json(upstream.first)
+    await upstream.close()
+    resp = web.Response(status=upstream.status, body=upstream.first, content_type="application/json",
+                        headers=headers)
+    return resp, outcome
+
+
+async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[str, str], started: float,
+                       *, include_usage: bool, prompt_tokens: int, backend: str) -> tuple[web.StreamResponse, Outcome]:
+    outcome = Outcome(first_byte_s=time.monotonic() - started)
+    resp = web.StreamResponse(status=200, headers={
+        **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    saw_done = saw_error = False
+    usage_chunk: bytes | None = None
+    deltas = 0
+    try:
+        await resp.prepare(request)
+        chunk = upstream.first
+        while True:
+            outcome.chunks += 1
+            if usage_chunk is None and any(m in chunk for m in _USAGE_MARKERS):
+                usage_chunk = chunk
+            if any(m in chunk for m in _ERROR_MARKERS):
+                saw_error = True
+                outcome.failure = failures.from_stream_error_event(backend, _error_line(chunk))
+            deltas += chunk.count(b'"delta"')
+            if _DONE in chunk:
+                saw_done = True
+                if include_usage and usage_chunk is None:
+                    head, _, rest = chunk.partition(_DONE)
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": deltas,
+                             "total_tokens": prompt_tokens + deltas}
+                    outcome.usage = usage
+                    chunk = head + _usage_event(usage) + _DONE + rest
+            await resp.write(chunk)
+            try:
+                chunk = await anext(upstream.rest)
+            except StopAsyncIteration:
+                break
+    except failures.UpstreamFailure as f:
+        outcome.failure = f
+    except (ConnectionResetError, ConnectionError):
+        outcome.client_gone = True
+    finally:
+        await upstream.close()
+    if outcome.client_gone:
+        return resp, outcome
+    if not saw_done:
+        if outcome.failure is None:
+            outcome.failure = failures.UpstreamFailure(
+                failures.Kind.BROKEN_STREAM, backend, "the stream ended without [DONE]")
+        try:
+            if not saw_error:
+                err = error_payload(f"{backend} failed mid-stream: {outcome.failure.message}",
+                                    "server_error", "upstream_stream_broken")
+                await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+            await resp.write(_DONE + b"\n\n")
+        except (ConnectionResetError, ConnectionError):
+            outcome.client_gone = True
+            return resp, outcome
+    outcome.ok = saw_done and not saw_error
+    if outcome.usage is None:
+        outcome.usage = upstream.usage or (_usage_from_sse(usage_chunk) if usage_chunk else None)
+    try:
+        await resp.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        outcome.client_gone = True
+    return resp, outcome
+
+
+def _error_line(chunk: bytes) -> bytes:
+    for line in chunk.split(b"\n"):
+        if any(line.startswith(m) for m in _ERROR_MARKERS):
+            return line.split(b":", 1)[1].strip()
+    return chunk
+
+
+def _usage_event(usage: dict[str, Any]) -> bytes:
+    event = {"object": "chat.completion.chunk", "choices": [], "usage": usage}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"

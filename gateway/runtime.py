@@ -1,0 +1,105 @@
+"""The running gateway's parts, built from validated settings: backends, breakers, queues, steps.
+
+Built once at start and rebuilt only when config changes; request handling reads it and never
+constructs anything per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiolimiter import AsyncLimiter
+
+from .backends.base import Backend, ProbeResult
+from .backends.hosted import HostedBackend, load_litellm
+from .backends.llamacpp import LlamaCppBackend
+from .breaker import CircuitBreaker
+from .classify import Classifier
+from .config import LiteLLMBackend, Policy, Settings
+from .config import LlamaCppBackend as LlamaCppConfig
+from .decide import Decider
+from .dispatch import Dispatcher
+from .record import Recorder
+from .slots import SlotQueue
+
+log = logging.getLogger("switchyard")
+
+PROBE_INTERVAL = 1.0  # seconds between breaker probes / live-state refreshes
+REFRESH_EVERY = 15  # probe intervals between live n_ctx refreshes of healthy backends
+
+
+def build_backend(name: str, cfg: Any) -> Backend:
+    if isinstance(cfg, LlamaCppConfig):
+        return LlamaCppBackend(name, cfg)
+    if isinstance(cfg, LiteLLMBackend):
+        return HostedBackend(name, cfg)
+    raise TypeError(f"unknown backend config {type(cfg).__name__}")  # pragma: no cover
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    backends: dict[str, Backend]
+    breakers: dict[str, CircuitBreaker]
+    queues: dict[str, SlotQueue]
+    limiters: dict[str, AsyncLimiter]
+    classifier: Classifier
+    decider: Decider
+    dispatcher: Dispatcher
+    recorder: Recorder
+    last_probe: dict[str, ProbeResult] = field(default_factory=dict)
+    policy_errors: list[str] = field(default_factory=list)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        backends = {n: build_backend(n, c) for n, c in settings.gateway.backends.items()}
+        breakers = {n: CircuitBreaker(n, c.breaker) for n, c in settings.gateway.backends.items() if c.breaker}
+        queues = {n: SlotQueue(c.max_concurrency) for n, c in settings.gateway.backends.items()
+                  if c.max_concurrency}
+        limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
+                    for n, c in settings.gateway.backends.items() if c.rate_limit_per_minute}
+        return cls(settings, backends, breakers, queues, limiters, Classifier(), Decider(backends, breakers),
+                   Dispatcher(backends, breakers, queues, limiters), Recorder())
+
+    @property
+    def policy(self) -> Policy:
+        return self.settings.default_policy
+
+    async def start(self) -> None:
+        await self.refresh_all()
+        self._tasks.append(asyncio.create_task(self._probe_loop(), name="switchyard-prober"))
+        if any(b.place == "hosted" for b in self.backends.values()):
+            # Importing litellm takes seconds: do it now, off the loop, not on the first request.
+            self._tasks.append(asyncio.create_task(asyncio.to_thread(load_litellm), name="warm-litellm"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for b in self.backends.values():
+            await b.close()
+
+    async def refresh_all(self) -> None:
+        results = await asyncio.gather(*(b.probe() for b in self.backends.values()))
+        self.last_probe = dict(zip(self.backends, results, strict=True))
+
+    async def _probe_loop(self) -> None:
+        tick = 0
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            tick += 1
+            for name, breaker in self.breakers.items():
+                if breaker.probe_due():
+                    result = await self.backends[name].probe()
+                    self.last_probe[name] = result
+                    breaker.probe_result(result.ready, result.detail)
+                    log.info("probe %s: %s -> circuit %s", name, result.detail, breaker.state)
+            if tick % REFRESH_EVERY == 0:
+                await self.refresh_all()
