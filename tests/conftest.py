@@ -90,15 +90,25 @@ def config_for(local_url: str, hosted_url: str, **over: Any) -> tuple[dict[str, 
     gateway: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "backends": {
-            "local": {"kind": "llamacpp", "url": local_url, "max_concurrency": 1, "context_limit": LLAMA_CTX,
-                      "embedded": False,
-                      "timeouts": {"connect": 2, "first_byte": 30, "idle": 30, "total": 120},
-                      "breaker": {"failure_threshold": 1, "cooldown": 0.5, "max_cooldown": 2}},
-            "hosted": {"kind": "litellm", "model": "openai/responses/gpt-5-nano", "api_base": hosted_url,
-                       "api_key_env": "TEST_HOSTED_KEY", "session_header": "x-opencode-session",
-                       "timeouts": {"connect": 2, "first_byte": 10, "idle": 10, "total": 60},
-                       "backoff": {"max_wait": 3, "budget": 6, "attempts": 4},
-                       "breaker": {"failure_threshold": 3, "window": 60, "cooldown": 1, "max_cooldown": 4}},
+            "local": {
+                "kind": "llamacpp",
+                "url": local_url,
+                "max_concurrency": 1,
+                "context_limit": LLAMA_CTX,
+                "embedded": False,
+                "timeouts": {"connect": 2, "first_byte": 30, "idle": 30, "total": 120},
+                "breaker": {"failure_threshold": 1, "cooldown": 0.5, "max_cooldown": 2},
+            },
+            "hosted": {
+                "kind": "litellm",
+                "model": "openai/responses/gpt-5-nano",
+                "api_base": hosted_url,
+                "api_key_env": "TEST_HOSTED_KEY",
+                "session_header": "x-opencode-session",
+                "timeouts": {"connect": 2, "first_byte": 10, "idle": 10, "total": 60},
+                "backoff": {"max_wait": 3, "budget": 6, "attempts": 4},
+                "breaker": {"failure_threshold": 3, "window": 60, "cooldown": 1, "max_cooldown": 4},
+            },
         },
     }
     policy: dict[str, Any] = {
@@ -107,8 +117,12 @@ def config_for(local_url: str, hosted_url: str, **over: Any) -> tuple[dict[str, 
         "max_queue_wait": 20,
         "rules": [
             {"name": "compaction", "match": {"role": "compaction"}, "route": ["hosted", "local"]},
-            {"name": "background", "match": {"role": ["title", "tags", "follow_up", "query", "summary"]},
-             "route": ["local", "hosted"], "max_queue_wait": 1},
+            {
+                "name": "background",
+                "match": {"role": ["title", "tags", "follow_up", "query", "summary"]},
+                "route": ["local", "hosted"],
+                "max_queue_wait": 1,
+            },
             {"name": "default", "route": ["local", "hosted"]},
         ],
     }
@@ -144,8 +158,11 @@ class Gateway:
         return self.runtime.recorder.recent[-1]
 
     async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
-        return await self.client.post("/v1/chat/completions", data=json.dumps(body),
-                                      headers={"Content-Type": "application/json", **(headers or {})})
+        return await self.client.post(
+            "/v1/chat/completions",
+            data=json.dumps(body),
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
 
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
@@ -155,8 +172,9 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 async def make_gateway(aiohttp_client: Any, tmp_path: Path, fake: FakeHosted) -> GatewayFactory:
     counter = iter(range(1000))
 
-    async def make(local_url: str, hosted_url: str | None = None, policies: dict[str, Any] | None = None,
-                   **over: Any) -> Gateway:
+    async def make(
+        local_url: str, hosted_url: str | None = None, policies: dict[str, Any] | None = None, **over: Any
+    ) -> Gateway:
         gw, policy = config_for(local_url, hosted_url or fake.url, **over)
         path = write_config(tmp_path / f"cfg{next(counter)}", gw, policies or {"default": policy})
         app = create_app(load_settings(path))

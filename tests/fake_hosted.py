@@ -26,7 +26,7 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import format_datetime
@@ -37,6 +37,7 @@ from aiohttp.test_utils import TestServer
 
 ReplyKind = Literal["ok", "error", "slow", "broken_stream", "hang"]
 JSON = dict[str, Any]
+Event = tuple[str | None, Any]  # (SSE event name, data: dict or "[DONE]")
 
 DEFAULT_MODELS: tuple[str, ...] = ("gpt-5-nano", "gpt-5-mini", "gpt-4o-mini")
 
@@ -329,7 +330,12 @@ class FakeHosted:
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, self._responses_events, self._responses_body)
 
-    async def _serve(self, request: web.Request, events: Any, full_body: Any) -> web.StreamResponse:
+    async def _serve(
+        self,
+        request: web.Request,
+        events: Callable[[JSON, str, list[str]], list[Event]],
+        full_body: Callable[[JSON, str], JSON],
+    ) -> web.StreamResponse:
         rec = await self._record(request)
         reply = rec.reply = self._next_reply(request)
         body: JSON = rec.json if isinstance(rec.json, dict) else {}
@@ -372,7 +378,7 @@ class FakeHosted:
         request: web.Request,
         rec: RecordedRequest,
         reply: Reply,
-        events: list[tuple[str | None, Any]],
+        events: list[Event],
         n_content: int,
         delay: float,
     ) -> web.StreamResponse:
@@ -426,7 +432,7 @@ class FakeHosted:
             "usage": self._usage(body, text),
         }
 
-    def _chat_events(self, body: JSON, text: str, pieces: list[str]) -> list[tuple[str | None, Any]]:
+    def _chat_events(self, body: JSON, text: str, pieces: list[str]) -> list[Event]:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base: JSON = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -442,7 +448,7 @@ class FakeHosted:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**base, "choices": [choice], **extra}
 
-        events: list[tuple[str | None, Any]] = [(None, chunk({"role": "assistant", "content": ""}))]
+        events: list[Event] = [(None, chunk({"role": "assistant", "content": ""}))]
         events += [(None, chunk({"content": p}, _content=True)) for p in pieces]
         events.append((None, chunk({}, "stop")))
         if include_usage:
@@ -499,7 +505,7 @@ class FakeHosted:
             body, f"resp_{uuid.uuid4().hex}", "completed", output, self._responses_usage(body, text)
         )
 
-    def _responses_events(self, body: JSON, text: str, pieces: list[str]) -> list[tuple[str | None, Any]]:
+    def _responses_events(self, body: JSON, text: str, pieces: list[str]) -> list[Event]:
         resp_id, msg_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         started = self._response_obj(body, resp_id, "in_progress", [], None)
         item = self._message_item(msg_id, text)

