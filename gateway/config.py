@@ -199,12 +199,13 @@ class Policy(Strict):
                 raise ValueError("keys must be sha256 hex digests (64 lowercase hex chars), never raw keys")
         return v
 
-    @model_validator(mode="after")
-    def _default_rule_last(self) -> Policy:
-        last = self.rules[-1].match
+    @field_validator("rules")
+    @classmethod
+    def _default_rule_last(cls, rules: list[Rule]) -> list[Rule]:
+        last = rules[-1].match
         if any(getattr(last, f) is not None for f in Match.model_fields):
             raise ValueError("the last rule must be a default rule with no `match` (it catches everything)")
-        return self
+        return rules
 
 
 # ---- loading with file:line errors ------------------------------------------------------------

@@ -97,16 +97,16 @@ class HostedBackend:
         yield b"data: [DONE]\n\n"
 
     def _failure(self, exc: BaseException) -> failures.UpstreamFailure:
+        if type(exc).__name__ == "Timeout" or isinstance(exc, TimeoutError):  # litellm's Timeout has status 408
+            return failures.UpstreamFailure(failures.Kind.TIMEOUT, self.name, "provider timed out")
         status = getattr(exc, "status_code", None)
-        if isinstance(status, int) and status >= 400 and not isinstance(exc, TimeoutError):
+        if isinstance(status, int) and status >= 400:
             failure = failures.from_status(self.name, status, _headers_of(exc), _body_of(exc))
             if type(exc).__name__ == "ContextWindowExceededError":
                 failure.kind = failures.Kind.CONTEXT_OVERFLOW
             if type(exc).__name__ in ("APIConnectionError",):
                 failure.kind = failures.Kind.CRASH
             return failure
-        if type(exc).__name__ == "Timeout":
-            return failures.UpstreamFailure(failures.Kind.TIMEOUT, self.name, "provider timed out")
         return failures.from_exception(self.name, exc)
 
     async def count_tokens(self, body: dict[str, Any]) -> int | None:
