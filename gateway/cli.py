@@ -184,6 +184,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- ceiling -----------------------------------------------------------------------------------
+
+def cmd_ceiling(args: argparse.Namespace) -> int:
+    from .ceiling import CrashCeilings, state_path
+
+    settings = _load(args.config)
+    ceilings = CrashCeilings(state_path(settings.gateway.data_dir))
+    if args.action == "reset":
+        ceilings.reset(args.backend)
+        print(f"reset learned crash ceiling for {args.backend or 'all backends'}")
+        return 0
+    print(json.dumps({"file": str(ceilings.path), "ceilings": ceilings.entries}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SWITCHYARD_LOG_LEVEL", "INFO"), format="%(message)s",
                         stream=sys.stderr)
@@ -208,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate the config and every policy file")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("ceiling", help="show or reset the learned crash ceilings")
+    p.add_argument("action", choices=["show", "reset"])
+    p.add_argument("backend", nargs="?", help="only this backend (reset)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_ceiling)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -72,6 +72,9 @@ class LlamaCppBackend(BackendBase):
         True, description="when nothing answers at url, `switchyard serve` starts the bundled llama-server"
     )
     breaker: Breaker | None = Breaker(failure_threshold=1)
+    learned_ceiling_fraction: float = Field(
+        0.9, gt=0, le=1, description="after a crash on N tokens, requests >= fraction*N skip this backend")
+    learn_min_tokens: int = Field(4096, ge=0, description="crashes on smaller requests teach no ceiling")
 
     @field_validator("url")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any
 from . import tokens as tk
 from .backends.base import Backend
 from .breaker import CircuitBreaker
+from .ceiling import CrashCeilings
 from .classify import RequestProfile
 from .config import Match, Policy, Rule
 from .errors import ContextLengthExceeded, ModelNotFound, NoBackendAvailable
@@ -79,12 +80,15 @@ class _Fit:
     tokens: int
     method: str
     limit: int | None
+    note: str = ""
 
 
 class Decider:
-    def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker]) -> None:
+    def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker],
+                 ceilings: CrashCeilings | None = None) -> None:
         self.backends = backends
         self.breakers = breakers
+        self.ceilings = ceilings
 
     def model_ids(self, policy: Policy) -> list[str]:
         return ["auto", *self.backends, *policy.task_models]
@@ -121,7 +125,7 @@ class Decider:
             if best is None or (fit.fits and not (best.fits)):
                 best = fit
             if not fit.fits:
-                too_big.append(f"{fit.tokens:,}+{reserve:,} tokens > {name} ceiling {fit.limit:,}")
+                too_big.append(fit.note)
                 continue
             breaker = self.breakers.get(name)
             if breaker is not None and not breaker.allows():
@@ -154,21 +158,40 @@ class Decider:
     async def _fit(self, backend: Backend, body: dict[str, Any], profile: RequestProfile, reserve: int,
                    rule: Rule, policy: Policy, exact: dict[str, int | None]) -> _Fit:
         size = profile.size
+        name = backend.name
+
+        async def count() -> int | None:
+            if name not in exact:
+                exact[name] = await backend.count_tokens(body)
+            return exact[name]
+
         if backend.place == "local":
             limits = [n for n in (backend.context_window, rule.local_ceiling or policy.local_ceiling) if n]
             limit = min(limits) if limits else None
-            if limit is None:
-                return _Fit(True, size.estimate, "estimate", None)
-            if size.upper + reserve <= limit:
-                return _Fit(True, size.estimate, "bytes", limit)
-            if size.lower + reserve > limit:
-                return _Fit(False, size.estimate, "bytes", limit)
-            if backend.name not in exact:
-                exact[backend.name] = await backend.count_tokens(body)
-            n = exact[backend.name]
-            if n is None:  # the server can't count now: a calibrated estimate, reported as such
-                return _Fit(size.estimate + reserve <= limit, size.estimate, "estimate", limit)
-            return _Fit(n + reserve <= limit, n, "exact", limit)
+            fit = _Fit(True, size.estimate, "estimate" if limit is None else "bytes", limit)
+            if limit is not None:
+                # Strict: a wrong guess here is a segfault, so only bounds or an exact count decide.
+                if size.upper + reserve > limit:
+                    if size.lower + reserve > limit:
+                        fit = _Fit(False, size.estimate, "bytes", limit)
+                    else:
+                        n = await count()
+                        fit = (_Fit(size.estimate + reserve <= limit, size.estimate, "estimate", limit) if n is None
+                               else _Fit(n + reserve <= limit, n, "exact", limit))
+                if not fit.fits:
+                    fit.note = f"{fit.tokens:,}+{reserve:,} tokens > {name} ceiling {limit:,}"
+            learned = self.ceilings.get(name) if self.ceilings else None
+            if fit.fits and learned is not None:
+                bar = int(learned * getattr(backend.config, "learned_ceiling_fraction", 1.0))
+                tokens = fit.tokens
+                if fit.method == "bytes" and size.upper >= bar:
+                    n = await count() if size.lower < bar else None
+                    tokens = n if n is not None else size.estimate
+                    fit.method = "exact" if n is not None else fit.method
+                if tokens >= bar:
+                    fit = _Fit(False, tokens, fit.method, bar,
+                               f"{tokens:,} tokens >= {name} learned crash ceiling {learned:,} (skip from {bar:,})")
+            return fit
         limit = backend.context_window
         if limit is None:
             return _Fit(True, size.estimate, "estimate", None)
@@ -176,6 +199,6 @@ class Decider:
         if likely_upper <= limit:
             return _Fit(True, size.estimate, "bytes", limit)
         if size.lower > limit:
-            return _Fit(False, size.estimate, "bytes", limit)
+            return _Fit(False, size.estimate, "bytes", limit, f"{size.estimate:,} tokens > {name} window {limit:,}")
         n = tk.count_tiktoken(body)
-        return _Fit(n <= limit, n, "exact", limit)
+        return _Fit(n <= limit, n, "exact", limit, "" if n <= limit else f"{n:,} tokens > {name} window {limit:,}")

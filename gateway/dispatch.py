@@ -21,6 +21,7 @@ from aiolimiter import AsyncLimiter
 from . import catalog, failures
 from .backends.base import Backend, Upstream
 from .breaker import CircuitBreaker, State
+from .ceiling import CrashCeilings
 from .classify import RequestProfile
 from .decide import Route, Step
 from .errors import ContextLengthExceeded, GatewayError, NoBackendAvailable, RateLimited, error_payload
@@ -35,7 +36,9 @@ _FORWARDED_HEADERS = ("x-session-id",)
 
 class Dispatcher:
     def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker],
-                 queues: Mapping[str, SlotQueue], limiters: Mapping[str, AsyncLimiter]) -> None:
+                 queues: Mapping[str, SlotQueue], limiters: Mapping[str, AsyncLimiter],
+                 ceilings: CrashCeilings | None = None) -> None:
+        self.ceilings = ceilings
         self.backends = backends
         self.breakers = breakers
         self.queues = queues
@@ -82,6 +85,7 @@ class Dispatcher:
             upstream = await self._open(backend, body, headers, req.stream, decision)
         except failures.UpstreamFailure as f:
             self._judge(breaker, f)
+            self._learn(backend, f, route)
             if f.kind is failures.Kind.CLIENT_ERROR:
                 return _pass_through(f, self._headers(decision, step, route, tried, spilled))
             tried.append(f)
@@ -140,6 +144,13 @@ class Dispatcher:
         elif breaker.state is State.HALF_OPEN:
             breaker.release_trial()
 
+    def _learn(self, backend: Backend, f: failures.UpstreamFailure, route: Route) -> None:
+        """A local crash on a large request teaches a size ceiling (see ceiling.py)."""
+        cfg = backend.config
+        if (self.ceilings is not None and f.kind is failures.Kind.CRASH and backend.place == "local"
+                and route.tokens_in >= getattr(cfg, "learn_min_tokens", 0)):
+            self.ceilings.learn(backend.name, route.tokens_in)
+
     def _settle(self, breaker: CircuitBreaker | None, outcome: Outcome, decision: Decision, backend: Backend,
                 route: Route) -> None:
         decision.first_byte_ms = outcome.first_byte_s * 1000
@@ -157,6 +168,7 @@ class Dispatcher:
             decision.outcome = "broken_stream"
             decision.error_code = str(outcome.failure.kind)
             self._judge(breaker, outcome.failure)
+            self._learn(backend, outcome.failure, route)
         else:
             decision.outcome = "ok"
             if breaker is not None:

@@ -18,6 +18,7 @@ from .backends.base import Backend, ProbeResult
 from .backends.hosted import HostedBackend, load_litellm
 from .backends.llamacpp import LlamaCppBackend
 from .breaker import CircuitBreaker
+from .ceiling import CrashCeilings, state_path
 from .classify import Classifier
 from .config import LiteLLMBackend, Policy, Settings
 from .config import LlamaCppBackend as LlamaCppConfig
@@ -51,6 +52,7 @@ class Runtime:
     decider: Decider
     dispatcher: Dispatcher
     recorder: Recorder
+    ceilings: CrashCeilings
     last_probe: dict[str, ProbeResult] = field(default_factory=dict)
     policy_errors: list[str] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -63,8 +65,10 @@ class Runtime:
                   if c.max_concurrency}
         limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
                     for n, c in settings.gateway.backends.items() if c.rate_limit_per_minute}
-        return cls(settings, backends, breakers, queues, limiters, Classifier(), Decider(backends, breakers),
-                   Dispatcher(backends, breakers, queues, limiters), Recorder())
+        ceilings = CrashCeilings(state_path(settings.gateway.data_dir))
+        return cls(settings, backends, breakers, queues, limiters, Classifier(),
+                   Decider(backends, breakers, ceilings), Dispatcher(backends, breakers, queues, limiters, ceilings),
+                   Recorder(), ceilings)
 
     @property
     def policy(self) -> Policy:

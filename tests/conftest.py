@@ -175,6 +175,7 @@ async def make_gateway(aiohttp_client: Any, tmp_path: Path, fake: FakeHosted) ->
     async def make(
         local_url: str, hosted_url: str | None = None, policies: dict[str, Any] | None = None, **over: Any
     ) -> Gateway:
+        over.setdefault("data_dir", str(tmp_path / "data"))
         gw, policy = config_for(local_url, hosted_url or fake.url, **over)
         path = write_config(tmp_path / f"cfg{next(counter)}", gw, policies or {"default": policy})
         app = create_app(load_settings(path))

@@ -1,0 +1,1 @@
+"""`make bench`: Switchyard against a direct upstream, nginx and LiteLLM's proxy (see docs/performance.md)."""

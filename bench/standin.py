@@ -1,0 +1,243 @@
+"""The upstream stand-in: a tiny raw-asyncio HTTP/1.1 server that answers in OpenAI's wire format.
+
+It must never be the bottleneck, so it does no JSON parsing on the hot path: the answers are
+prebuilt bytes and `"stream": true` is found with one regex over the body. It speaks just enough
+HTTP/1.1 for the clients in the bench (keep-alive, Content-Length or chunked request bodies,
+HTTP/1.0 close-delimited answers for old-style proxies).
+
+  POST /v1/chat/completions, /chat/completions   canned answer; with "stream": true a 200-chunk SSE
+                                                  stream, a usage chunk, then `data: [DONE]`
+  POST /v1/chat/completions/input_tokens          {"input_tokens": bytes // 4}
+  GET  /health, /props, /v1/models, /models       llama-server's readiness answers
+  POST /_bench/delay                              body = milliseconds to wait before each chat answer
+
+Run: python -m bench.standin --port N [--n-ctx 32768]  (prints "ready <port>" when listening)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+
+STREAM_CHUNKS = 200
+MODEL = "gpt-5-nano"
+_STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+
+
+def _completion() -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion", "created": 1764000000,
+        "model": MODEL, "system_fingerprint": "b11434",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant",
+            "content": "The function returns early when the list is empty, so the caller never sees the "
+                       "sentinel value. Move the guard below the loop and add a test for the empty case."}}],
+        "usage": {"prompt_tokens": 412, "completion_tokens": 38, "total_tokens": 450},
+    }, separators=(",", ":")).encode()
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _stream_events() -> list[bytes]:
+    base = {"id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk",
+            "created": 1764000000, "model": MODEL, "system_fingerprint": "b11434"}
+    words = "the quick brown fox jumps over a lazy dog while code compiles and tests pass".split()
+    events = [_sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]})]
+    for i in range(STREAM_CHUNKS - 2):
+        events.append(_sse({**base, "choices": [{"index": 0, "delta": {"content": words[i % len(words)] + " "},
+                                                  "finish_reason": None}]}))
+    events.append(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    events.append(_sse({**base, "choices": [], "usage": {"prompt_tokens": 412, "completion_tokens": STREAM_CHUNKS - 1,
+                                                         "total_tokens": 412 + STREAM_CHUNKS - 1}}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+COMPLETION = _completion()
+EVENTS = _stream_events()
+EVENTS_CHUNKED = [b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS]
+
+
+def _response(status: str, body: bytes, ctype: bytes = b"application/json", close: bool = False) -> bytes:
+    return (b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+            + str(len(body)).encode() + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n" + body)
+
+
+class Server:
+    def __init__(self, n_ctx: int) -> None:
+        self.delay = 0.0
+        self.requests = 0
+        self.n_ctx = n_ctx
+        self.props = json.dumps({"default_generation_settings": {"n_ctx": n_ctx}, "total_slots": 64}).encode()
+        self.models = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench",
+                                                              "meta": {"n_ctx": n_ctx}}]}).encode()
+
+
+class Conn(asyncio.Protocol):
+    __slots__ = ("server", "transport", "buf", "busy", "closing")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.busy = False  # an answer is being written (delayed or streamed): parse no further yet
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.busy:
+            self._parse()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+
+    def _parse(self) -> None:
+        while not self.busy and not self.closing:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end]).split(b"\r\n")
+            method, path, version = head[0].split(b" ", 2)
+            clen, chunked, close = 0, False, version == b"HTTP/1.0"
+            for line in head[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    clen = int(value)
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+                elif name == b"connection":
+                    v = value.strip().lower()
+                    close = v == b"close" or (version == b"HTTP/1.0" and v != b"keep-alive")
+            start = end + 4
+            if chunked:
+                body, used = _dechunk(self.buf, start)
+                if body is None:
+                    return
+                del self.buf[:used]
+            else:
+                if len(self.buf) - start < clen:
+                    return
+                body = bytes(self.buf[start:start + clen])
+                del self.buf[:start + clen]
+            self._answer(method, path.split(b"?", 1)[0], version, body, close)
+
+    def _answer(self, method: bytes, path: bytes, version: bytes, body: bytes, close: bool) -> None:
+        t = self.transport
+        srv = self.server
+        if path in (b"/v1/chat/completions", b"/chat/completions") and method == b"POST":
+            srv.requests += 1
+            stream = _STREAM_RE.search(body) is not None
+            if srv.delay or stream:
+                self.busy = True
+                asyncio.get_running_loop().create_task(self._slow(stream, version, close))
+                return
+            t.write(_response("200 OK", COMPLETION, close=close))
+        elif path == b"/v1/chat/completions/input_tokens":
+            t.write(_response("200 OK", b'{"input_tokens":%d}' % (len(body) // 4), close=close))
+        elif path == b"/health":
+            t.write(_response("200 OK", b'{"status":"ok"}', close=close))
+        elif path == b"/props":
+            t.write(_response("200 OK", srv.props, close=close))
+        elif path in (b"/v1/models", b"/models"):
+            t.write(_response("200 OK", srv.models, close=close))
+        elif path == b"/_bench/delay" and method == b"POST":
+            srv.delay = float(body or b"0") / 1000.0
+            t.write(_response("200 OK", b'{"ok":true}', close=close))
+        elif path == b"/_bench/stats":
+            t.write(_response("200 OK", b'{"requests":%d}' % srv.requests, close=close))
+        else:
+            t.write(_response("404 Not Found", b'{"error":{"message":"not found","code":404}}', close=close))
+        if close:
+            self.closing = True
+            t.close()
+
+    async def _slow(self, stream: bool, version: bytes, close: bool) -> None:
+        t = self.transport
+        if self.server.delay:
+            await asyncio.sleep(self.server.delay)
+        if self.closing or t is None or t.is_closing():
+            return
+        if not stream:
+            t.write(_response("200 OK", COMPLETION, close=close))
+        elif version == b"HTTP/1.0":  # no chunked encoding in 1.0: the body ends with the connection
+            t.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n")
+            for e in EVENTS:
+                t.write(e)
+            close = True
+        else:
+            t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                    b"Transfer-Encoding: chunked" + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n")
+            for e in EVENTS_CHUNKED:  # one write (one send) per event, as a token server emits them
+                t.write(e)
+            t.write(b"0\r\n\r\n")
+        if close:
+            self.closing = True
+            t.close()
+            return
+        self.busy = False
+        if self.buf:
+            self._parse()
+
+
+def _dechunk(buf: bytearray, pos: int) -> tuple[bytes | None, int]:
+    out = bytearray()
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None, 0
+        size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+        pos = eol + 2
+        if size == 0:
+            end = buf.find(b"\r\n", pos)  # no trailers expected
+            return (bytes(out), end + 2) if end >= 0 else (None, 0)
+        if len(buf) < pos + size + 2:
+            return None, 0
+        out += buf[pos:pos + size]
+        pos += size + 2
+
+
+async def serve(host: str, port: int, n_ctx: int) -> None:
+    server = Server(n_ctx)
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: Conn(server), host, port, backlog=1024, reuse_address=True)
+    actual = srv.sockets[0].getsockname()[1]
+    print(f"ready {actual}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    srv.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--n-ctx", type=int, default=32768)
+    args = p.parse_args(argv)
+    if os.environ.get("BENCH_STANDIN_UVLOOP") == "1":  # pragma: no cover - optional
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(serve(args.host, args.port, args.n_ctx))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
