@@ -8,7 +8,7 @@ from typing import Any
 import openai
 
 from gateway.embedded import LlamaServer
-from tests.conftest import Gateway, GatewayFactory, chat_body
+from tests.conftest import GatewayFactory, chat_body
 from tests.fake_hosted import FakeHosted
 
 COMPACTION_SYSTEM = "You are a context summarization agent. Summarize the conversation."
