@@ -83,7 +83,7 @@ class Server:
 
 
 class Conn(asyncio.Protocol):
-    __slots__ = ("server", "transport", "buf", "busy", "closing")
+    __slots__ = ("buf", "busy", "closing", "server", "transport")
 
     def __init__(self, server: Server) -> None:
         self.server = server

@@ -110,6 +110,11 @@ class CircuitBreaker:
         """The trial ended without a verdict (client went away): let the next request try."""
         self.trial_in_flight = False
 
+    def adopt_open(self, reason: str) -> None:
+        """Mirror a circuit that is open in the running gateway (for `explain --live`)."""
+        if self.state is State.CLOSED:
+            self._open(time.monotonic(), reason, grow=False)
+
     # -- what the prober drives ----------------------------------------------------------------
     def probe_due(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now

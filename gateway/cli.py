@@ -117,7 +117,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---- explain -----------------------------------------------------------------------------------
 
-async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str], live: bool) -> dict[str, Any]:
+def _listen_url(settings: Settings) -> str:
+    listen = settings.gateway.listen
+    return f"http://{listen.host}:{listen.port}"
+
+
+async def _gateway_state(url: str) -> dict[str, Any]:
+    """The running gateway's view (circuits, queues) from its /readyz; {} when it is not running."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"{url.rstrip('/')}/readyz",
+                                                      timeout=aiohttp.ClientTimeout(total=3)) as r:
+            return dict((await r.json()).get("backends") or {})
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return {}
+
+
+async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str], live: bool,
+                   gateway_url: str | None = None) -> dict[str, Any]:
     from .errors import GatewayError
     from .receive import parse_chat
     from .runtime import Runtime
@@ -126,6 +144,11 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
     try:
         if live:
             await rt.refresh_all()
+            gateway_state = await _gateway_state(gateway_url or _listen_url(settings))
+            for name, state in gateway_state.items():
+                breaker = rt.breakers.get(name)
+                if breaker is not None and state.get("circuit") == "open":
+                    breaker.adopt_open(state.get("circuit_detail") or "open in the running gateway")
         req = parse_chat(raw, headers)
         policy = rt.policy
         profile = rt.classifier.classify(req, policy)
@@ -163,7 +186,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .errors import GatewayError
 
     try:
-        out = asyncio.run(_explain(settings, raw, CIMultiDictProxy(headers), args.live))
+        out = asyncio.run(_explain(settings, raw, CIMultiDictProxy(headers), args.live, args.gateway))
     except GatewayError as e:
         print(json.dumps(e.payload()), file=sys.stderr)
         return 1
@@ -217,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("request", help="a chat completion request body (JSON file, or - for stdin)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--header", action="append", metavar="'Name: value'", help="a request header (repeatable)")
-    p.add_argument("--live", action="store_true", help="ask the backends for their live state first")
+    p.add_argument("--live", action="store_true",
+                   help="ask the backends and the running gateway (circuits) for their live state first")
+    p.add_argument("--gateway", help="URL of the running gateway for --live (default: the config's listen address)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("check", help="validate the config and every policy file")

@@ -185,3 +185,39 @@ async def test_learned_crash_ceiling(own_llama: LlamaServer, make_gateway: Gatew
     from gateway.ceiling import CrashCeilings
 
     assert CrashCeilings(gw.runtime.ceilings.path).get("local") == learned
+
+
+async def test_explain_live_shows_the_running_gateways_open_circuit(own_llama: LlamaServer,
+                                                                    make_gateway: GatewayFactory,
+                                                                    tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    gw = await make_gateway(own_llama.url)
+    own_llama.kill(signal.SIGSEGV)
+    resp = await gw.chat(chat_body("hi"))
+    assert resp.headers["x-switchyard-backend"] == "hosted"
+    assert gw.runtime.breakers["local"].state == "open"
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps(chat_body("hi")))
+    cfg = gw.runtime.settings.path
+    proc = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "gateway.cli", "explain", "--config", str(cfg), "--live",
+        "--gateway", str(gw.client.make_url("")), str(req)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["route"] == [{"backend": "hosted", "kind": "hosted"}]
+    assert "local circuit open since" in out["reason"]
+
+
+async def test_client_leaving_during_a_backoff_wait_sends_no_retry(llama: LlamaServer, make_gateway: GatewayFactory,
+                                                                  fake: FakeHosted) -> None:
+    gw = await make_gateway(llama.url)
+    fake.script(Reply.rate_limited(retry_after="2"))
+    task = asyncio.create_task(hosted_call(gw))
+    await until(lambda: len(fake.requests) == 1)
+    await asyncio.sleep(0.3)
+    task.cancel()  # the client goes away while we wait out the Retry-After
+    await asyncio.sleep(2.5)
+    assert len(fake.requests) == 1
+    assert gw.last.outcome == "client_gone"
