@@ -106,6 +106,7 @@ async def _measure(config_path: Path, chars: int, iterations: int, exact_iterati
     }
 
 
-def measure(config_path: Path, chars: int = 350_000, iterations: int = 200, exact_iterations: int = 20) -> dict[str, Any]:
+def measure(config_path: Path, chars: int = 350_000, iterations: int = 200,
+            exact_iterations: int = 20) -> dict[str, Any]:
     ensure_tiktoken_offline()
     return asyncio.run(_measure(config_path, chars, iterations, exact_iterations))

@@ -65,7 +65,7 @@ class Stack:
     def spawn(self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
-        f = open(log, "wb")  # noqa: SIM115 - owned by the child
+        f = open(log, "wb")
         popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env={**os.environ, **(env or {})}, cwd=cwd or self.workdir,
                                  start_new_session=True)

@@ -10,6 +10,7 @@ HTTP/1.0 close-delimited answers for old-style proxies).
   POST /v1/chat/completions/input_tokens          {"input_tokens": bytes // 4}
   GET  /health, /props, /v1/models, /models       llama-server's readiness answers
   POST /_bench/delay                              body = milliseconds to wait before each chat answer
+  GET  /_bench/stats                              {"requests": N, "max_inflight": N} (since the last delay set)
 
 Run: python -m bench.standin --port N [--n-ctx 32768]  (prints "ready <port>" when listening)
 """
@@ -76,6 +77,8 @@ class Server:
     def __init__(self, n_ctx: int) -> None:
         self.delay = 0.0
         self.requests = 0
+        self.inflight = 0  # delayed or streaming answers being worked on now
+        self.max_inflight = 0
         self.n_ctx = n_ctx
         self.props = json.dumps({"default_generation_settings": {"n_ctx": n_ctx}, "total_slots": 64}).encode()
         self.models = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench",
@@ -158,9 +161,10 @@ class Conn(asyncio.Protocol):
             t.write(_response("200 OK", srv.models, close=close))
         elif path == b"/_bench/delay" and method == b"POST":
             srv.delay = float(body or b"0") / 1000.0
+            srv.max_inflight = 0
             t.write(_response("200 OK", b'{"ok":true}', close=close))
         elif path == b"/_bench/stats":
-            t.write(_response("200 OK", b'{"requests":%d}' % srv.requests, close=close))
+            t.write(_response("200 OK", b'{"requests":%d,"max_inflight":%d}' % (srv.requests, srv.max_inflight), close=close))
         else:
             t.write(_response("404 Not Found", b'{"error":{"message":"not found","code":404}}', close=close))
         if close:
@@ -168,6 +172,15 @@ class Conn(asyncio.Protocol):
             t.close()
 
     async def _slow(self, stream: bool, version: bytes, close: bool) -> None:
+        srv = self.server
+        srv.inflight += 1
+        srv.max_inflight = max(srv.max_inflight, srv.inflight)
+        try:
+            await self._slow_answer(stream, version, close)
+        finally:
+            srv.inflight -= 1
+
+    async def _slow_answer(self, stream: bool, version: bytes, close: bool) -> None:
         t = self.transport
         if self.server.delay:
             await asyncio.sleep(self.server.delay)

@@ -13,8 +13,11 @@ Three levels, cheapest first:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 # Bytes per token, calibrated on opencode/Open WebUI traffic (English + code + JSON schemas):
@@ -55,8 +58,22 @@ def size_of(raw: bytes, body: dict[str, Any]) -> TokenSize:
     return TokenSize(len(raw), len(body.get("messages") or ()), bool(body.get("tools")))
 
 
+def _bundled_tiktoken_cache() -> str | None:
+    """tiktoken downloads its encodings on first use; the litellm wheel ships them (cache files
+    named by the sha1 of their URL), so point tiktoken there: no network needed."""
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(next(iter(spec.submodule_search_locations))) / "litellm_core_utils" / "tokenizers"
+    return str(d) if d.is_dir() else None
+
+
 @functools.cache
 def _encoding(name: str) -> Any:
+    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        bundled = _bundled_tiktoken_cache()
+        if bundled:
+            os.environ["TIKTOKEN_CACHE_DIR"] = bundled
     import tiktoken  # imported lazily: loading an encoding costs ~100 ms
 
     return tiktoken.get_encoding(name)
