@@ -30,11 +30,11 @@ node-deps:
 	@cd tests/node && { [ -d node_modules/@ai-sdk/openai-compatible ] || npm ci --no-audit --no-fund --loglevel=error; }
 
 test: install llama-server node-deps
-	$(BIN)/ruff check .
+	$(BIN)/ruff check gateway tests
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check .
+	$(BIN)/ruff check gateway tests
 
 bench: install llama-server
 	$(BIN)/python -m bench.run

@@ -37,6 +37,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app.router.add_get("/models", endpoints.models)
     app.router.add_get("/healthz", endpoints.healthz)
     app.router.add_get("/readyz", endpoints.readyz)
+    app.router.add_get("/metrics", endpoints.metrics)
+    app.router.add_get("/status.json", endpoints.status_json)
+    app.router.add_get("/", endpoints.status_page)
+    app.router.add_static("/static/", endpoints.STATIC)
 
     async def on_startup(app: web.Application) -> None:
         await app[endpoints.RUNTIME].start()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .errors import GatewayError
 from .receive import receive
@@ -15,6 +17,7 @@ from .record import Decision
 from .runtime import Runtime
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+STATIC = Path(__file__).parent / "static"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -65,24 +68,31 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    backends = {}
-    for name, b in rt.backends.items():
-        probe = rt.last_probe.get(name)
-        breaker = rt.breakers.get(name)
-        queue = rt.queues.get(name)
-        backends[name] = {
-            "kind": b.place,
-            "ready": probe.ready if probe else None,
-            "detail": probe.detail if probe else "not probed yet",
-            "context_window": b.context_window,
-            "circuit": breaker.state if breaker else None,
-            "circuit_detail": breaker.describe() if breaker else None,
-            "queue": {"busy": queue.busy, "waiting": queue.waiting, "capacity": queue.capacity} if queue else None,
-        }
+    backends = rt.backend_states()
     ready = any(v["ready"] and v["circuit"] != "open" for v in backends.values())
     body = {"status": "ready" if ready else "degraded", "config": str(rt.settings.path),
             "policies": sorted(rt.settings.policies), "policy_errors": rt.policy_errors, "backends": backends}
     return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    return web.Response(body=rt.metrics.render(rt), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def status_json(request: web.Request) -> web.Response:
+    """Everything the status page draws, in one read."""
+    rt = request.app[RUNTIME]
+    decisions = [d.as_dict() for d in list(rt.recorder.recent)[-50:]][::-1]
+    return web.json_response({
+        "now": time.time(), "config": str(rt.settings.path), "teams": sorted(rt.settings.policies),
+        "backends": rt.backend_states(), "decisions": decisions,
+        "usage_today": rt.activity.usage_today(), "per_minute": rt.activity.per_minute(),
+    })
+
+
+async def status_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "status.html", headers={"Cache-Control": "no-cache"})
 
 
 async def not_found(request: web.Request) -> web.Response:

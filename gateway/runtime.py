@@ -14,6 +14,7 @@ from typing import Any
 
 from aiolimiter import AsyncLimiter
 
+from .activity import Activity
 from .backends.base import Backend, ProbeResult
 from .backends.hosted import HostedBackend, load_litellm
 from .backends.llamacpp import LlamaCppBackend
@@ -24,6 +25,7 @@ from .config import LiteLLMBackend, Policy, Settings
 from .config import LlamaCppBackend as LlamaCppConfig
 from .decide import Decider
 from .dispatch import Dispatcher
+from .metrics import Metrics
 from .record import Recorder
 from .slots import SlotQueue
 
@@ -53,6 +55,8 @@ class Runtime:
     dispatcher: Dispatcher
     recorder: Recorder
     ceilings: CrashCeilings
+    metrics: Metrics = field(default_factory=Metrics)
+    activity: Activity = field(default_factory=Activity)
     last_probe: dict[str, ProbeResult] = field(default_factory=dict)
     policy_errors: list[str] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -69,6 +73,30 @@ class Runtime:
         return cls(settings, backends, breakers, queues, limiters, Classifier(),
                    Decider(backends, breakers, ceilings), Dispatcher(backends, breakers, queues, limiters, ceilings),
                    Recorder(), ceilings)
+
+    def __post_init__(self) -> None:
+        self.recorder.sinks += [self.metrics.observe, self.activity.observe]
+
+    def backend_states(self) -> dict[str, dict[str, Any]]:
+        """Each backend as /readyz, /status.json and `explain --live` report it."""
+        out = {}
+        for name, b in self.backends.items():
+            probe = self.last_probe.get(name)
+            breaker = self.breakers.get(name)
+            queue = self.queues.get(name)
+            out[name] = {
+                "kind": b.place,
+                "ready": probe.ready if probe else None,
+                "detail": probe.detail if probe else "not probed yet",
+                "context_window": b.context_window,
+                "learned_ceiling": self.ceilings.get(name),
+                "circuit": str(breaker.state) if breaker else None,
+                "circuit_detail": breaker.describe() if breaker else None,
+                "circuit_since": breaker.opened_wall if breaker and breaker.state != "closed" else None,
+                "queue": {"busy": queue.busy, "waiting": queue.waiting, "capacity": queue.capacity}
+                if queue else None,
+            }
+        return out
 
     @property
     def policy(self) -> Policy:

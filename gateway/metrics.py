@@ -1,0 +1,70 @@
+"""Prometheus metrics, fed by the decision recorder (one call per request) and read from live state.
+
+Per-request work is a handful of counter/histogram updates; gauges (queue depth, circuit state)
+are read from the runtime only when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .record import Decision
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("switchyard_requests", "Requests by team, role, backend and outcome",
+                                ["team", "role", "backend", "outcome"], registry=r)
+        self.first_byte = Histogram("switchyard_first_byte_seconds", "Time to first byte", ["backend"],
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.total = Histogram("switchyard_request_seconds", "Total request time", ["backend"],
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("switchyard_overhead_seconds",
+                                  "Switchyard's own time before the upstream is called (queue wait excluded)",
+                                  buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.queue_wait = Histogram("switchyard_queue_wait_seconds", "Time waiting for a backend slot",
+                                    ["backend"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("switchyard_retries", "Same-backend retries after a 429", ["backend"], registry=r)
+        self.failovers = Counter("switchyard_failovers", "Requests that moved past a backend",
+                                 ["team", "kind"], registry=r)
+        self.tokens = Counter("switchyard_tokens", "Tokens by team, backend and direction",
+                              ["team", "backend", "direction"], registry=r)
+        self.cost = Counter("switchyard_cost_dollars", "Hosted cost by team and backend", ["team", "backend"],
+                            registry=r)
+        self.queue_depth = Gauge("switchyard_queue_depth", "Requests waiting for a slot", ["backend"], registry=r)
+        self.queue_busy = Gauge("switchyard_queue_busy", "Slots in use", ["backend"], registry=r)
+        self.circuit = Gauge("switchyard_circuit_state", "0 closed, 1 half-open, 2 open", ["backend"], registry=r)
+
+    def observe(self, d: Decision) -> None:
+        backend = d.backend or "none"
+        self.requests.labels(d.team, d.role or "unknown", backend, d.outcome or "unknown").inc()
+        if d.backend:
+            self.first_byte.labels(backend).observe(d.first_byte_ms / 1000)
+            self.total.labels(backend).observe(d.total_ms / 1000)
+            self.overhead.observe(max(0.0, d.overhead_ms) / 1000)
+            if d.queue_wait_ms:
+                self.queue_wait.labels(backend).observe(d.queue_wait_ms / 1000)
+            if d.retries:
+                self.retries.labels(backend).inc(d.retries)
+            self.tokens.labels(d.team, backend, "in").inc(d.prompt_tokens or d.tokens_in)
+            self.tokens.labels(d.team, backend, "out").inc(d.tokens_out)
+            if d.cost:
+                self.cost.labels(d.team, backend).inc(d.cost)
+        for event in d.failover:
+            kind = "spillover" if "spilled" in event else "circuit_open" if "circuit" in event else "failover"
+            self.failovers.labels(d.team, kind).inc()
+
+    def render(self, runtime: Any) -> bytes:
+        for name, q in runtime.queues.items():
+            self.queue_depth.labels(name).set(q.waiting)
+            self.queue_busy.labels(name).set(q.busy)
+        for name, b in runtime.breakers.items():
+            self.circuit.labels(name).set(_CIRCUIT[str(b.state)])
+        return generate_latest(self.registry)
