@@ -34,7 +34,7 @@ test: install llama-server node-deps
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff check .
 
 bench: install llama-server
 	$(BIN)/python -m bench.run

@@ -114,6 +114,10 @@ class GatewayConfig(Strict):
     policies_dir: str = "policies"
     data_dir: str = "~/.local/share/switchyard"
     default_team: str = "default"
+    auth: Literal["off", "keys"] = Field(
+        "off", description="off: every request is the default team; keys: a team key is required")
+    ledger_path: str | None = Field(None, description="SQLite usage ledger; default <data_dir>/ledger.sqlite")
+    reload_interval: float = Field(1.0, gt=0, description="seconds between policy file change checks")
     backends: dict[str, BackendConfig]
 
     @field_validator("backends")
@@ -163,6 +167,8 @@ class Rule(Strict):
     output_reserve: int | None = Field(None, ge=0)
     max_queue_wait: float | None = Field(None, ge=0)
     max_tokens: int | None = Field(None, gt=0, description="clamp the request's max_tokens")
+    on_limit: Literal["refuse", "local"] = Field(
+        "refuse", description="over a team limit or budget: answer 429, or serve from local backends only")
 
 
 class Signature(Strict):
@@ -182,6 +188,22 @@ class Signature(Strict):
         return self
 
 
+class Limits(Strict):
+    """Per-team limits. Over one: 429 with Retry-After, or local only where the rule says `on_limit: local`."""
+
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0, description="prompt tokens (estimate) per minute")
+    concurrent: int | None = Field(None, ge=1, description="requests in flight at once")
+    monthly_budget_usd: float | None = Field(None, ge=0, description="hosted spend per calendar month")
+
+
+class Stickiness(Strict):
+    """A conversation that went hosted because it grew stays hosted (keeps llama.cpp's cache sane)."""
+
+    enabled: bool = True
+    ttl: float = Field(6 * 3600, gt=0, description="seconds a session stays pinned after its last request")
+
+
 class Policy(Strict):
     team: str
     keys: list[str] = Field([], description="sha256 hex digests of the team's API keys")
@@ -192,6 +214,8 @@ class Policy(Strict):
     max_queue_wait: float = Field(30.0, ge=0, description="seconds a request may wait for a local slot")
     task_models: list[str] = Field(["switchyard-task"], description="model ids that mean 'background task'")
     signatures: list[Signature] = Field([], description="extra prompt signatures, tried before the pack")
+    limits: Limits = Limits()
+    sticky_sessions: Stickiness = Stickiness()
     rules: list[Rule] = Field(..., min_length=1)
 
     @field_validator("keys")

@@ -7,6 +7,7 @@ lets traffic through. The reason is one line a human can act on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from .breaker import CircuitBreaker
 from .ceiling import CrashCeilings
 from .classify import RequestProfile
 from .config import Match, Policy, Rule
-from .errors import ContextLengthExceeded, ModelNotFound, NoBackendAvailable
+from .errors import ContextLengthExceeded, Forbidden, ModelNotFound, NoBackendAvailable
 
 # Hosted providers answer an overflow themselves (and we relay it as context_length_exceeded), so
 # for them a likely bound is enough; for the local server a wrong guess is a segfault: strict bound.
@@ -40,6 +41,7 @@ class Route:
     tokens_method: str  # bytes | exact | estimate
     max_tokens: int | None = None  # clamp from the rule
     notes: tuple[str, ...] = field(default=())
+    on_limit: str = "refuse"
 
     def describe(self) -> list[dict[str, str]]:
         return [{"backend": s.backend, "kind": s.place} for s in self.steps]
@@ -83,19 +85,50 @@ class _Fit:
     note: str = ""
 
 
+class SessionPins:
+    """session -> pinned backend, with expiry; bounded so a flood of sessions can't grow it forever."""
+
+    MAX = 10_000
+
+    def __init__(self) -> None:
+        self._pins: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def get(self, key: tuple[str, str]) -> str | None:
+        found = self._pins.get(key)
+        if found is None:
+            return None
+        if found[1] < time.monotonic():
+            del self._pins[key]
+            return None
+        return found[0]
+
+    def set(self, key: tuple[str, str], backend: str, ttl: float) -> None:
+        self._pins.pop(key, None)
+        if len(self._pins) >= self.MAX:
+            del self._pins[next(iter(self._pins))]  # oldest first (dicts keep insertion order)
+        self._pins[key] = (backend, time.monotonic() + ttl)
+
+
 class Decider:
     def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker],
                  ceilings: CrashCeilings | None = None) -> None:
         self.backends = backends
         self.breakers = breakers
         self.ceilings = ceilings
+        self.pins = SessionPins()
 
     def model_ids(self, policy: Policy) -> list[str]:
         return ["auto", *self.backends, *policy.task_models]
 
     async def decide(self, body: dict[str, Any], headers: Mapping[str, str], profile: RequestProfile,
                      policy: Policy) -> Route:
+        if policy.allowed_models is not None and profile.model not in policy.allowed_models:
+            raise Forbidden(f"team {policy.team!r} may not use model {profile.model!r}; allowed: "
+                            + ", ".join(policy.allowed_models))
         if profile.model in self.backends:
+            if policy.allowed_backends is not None and profile.model not in policy.allowed_backends:
+                raise Forbidden(f"team {policy.team!r} may not use backend {profile.model!r}",
+                                code="backend_not_allowed")
             idx, rule = -1, Rule(name=f"pinned to {profile.model}", route=[profile.model])
             rule_desc = f"model {profile.model!r} pins the backend"
         elif profile.model == "auto" or profile.model in policy.task_models:
@@ -114,6 +147,7 @@ class Decider:
         steps: list[Step] = []
         notes: list[str] = []
         too_big: list[str] = []
+        outgrown = False  # the request is too big for a local backend it could have used
         open_circuits: list[str] = []
         best: _Fit | None = None
         exact: dict[str, int | None] = {}
@@ -126,6 +160,7 @@ class Decider:
                 best = fit
             if not fit.fits:
                 too_big.append(fit.note)
+                outgrown = outgrown or backend.place == "local"
                 continue
             breaker = self.breakers.get(name)
             if breaker is not None and not breaker.allows():
@@ -135,6 +170,7 @@ class Decider:
         tokens = best.tokens if best else profile.tokens_in
         method = best.method if best else "bytes"
         notes = too_big + open_circuits
+        steps = self._stick(profile, policy, steps, outgrown, notes)
         if not steps:
             if too_big and not open_circuits:
                 raise ContextLengthExceeded(
@@ -149,7 +185,25 @@ class Decider:
         if notes:
             reason += " (" + "; ".join(notes) + ")"
         return Route(tuple(steps), reason, rule.name or str(idx + 1), tokens, method,
-                     rule.max_tokens, tuple(notes))
+                     rule.max_tokens, tuple(notes), rule.on_limit)
+
+    def _stick(self, profile: RequestProfile, policy: Policy, steps: list[Step], outgrown: bool,
+               notes: list[str]) -> list[Step]:
+        """A session that outgrew local stays on hosted (hysteresis), keeping llama.cpp's cache sane."""
+        sticky = policy.sticky_sessions
+        if not (sticky.enabled and profile.session and steps):
+            return steps
+        key = (policy.team, profile.session)
+        if outgrown and steps[0].place == "hosted":
+            self.pins.set(key, steps[0].backend, sticky.ttl)
+            return steps
+        pinned = self.pins.get(key)
+        if pinned is None or steps[0].place != "local" or pinned not in (s.backend for s in steps):
+            return steps
+        self.pins.set(key, pinned, sticky.ttl)
+        notes.append(f"session sticky on {pinned} since it outgrew local")
+        return [s for s in steps if s.backend == pinned] + [s for s in steps if s.backend != pinned
+                                                                and s.place != "local"]
 
     def _retry_after(self, open_circuits: list[str]) -> int:
         waits = [b.cooldown for b in self.breakers.values() if not b.allows()]

@@ -23,18 +23,20 @@ STATIC = Path(__file__).parent / "static"
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     started = time.monotonic()
-    policy = rt.policy
-    decision = Decision(id=uuid.uuid4().hex[:16], team=policy.team)
+    decision = Decision(id=uuid.uuid4().hex[:16], team="-")
     try:
+        policy = rt.teams.authenticate(request.headers)
+        decision.team = policy.team
         req = await receive(request, rt.settings.gateway.body_limit_bytes)
         profile = rt.classifier.classify(req, policy)
         decision.role, decision.client, decision.session = profile.role, profile.client, profile.session
         decision.model, decision.stream = req.model, req.stream
         decision.output_reserve = profile.output_reserve
         route = await rt.decider.decide(req.body, req.headers, profile, policy)
-        decision.tokens_in, decision.tokens_method = route.tokens_in, route.tokens_method
-        decision.route, decision.reason = [s.backend for s in route.steps], route.reason
-        return await rt.dispatcher.dispatch(request, req, profile, route, decision, started)
+        async with rt.admission.admit(policy, profile, route) as route:
+            decision.tokens_in, decision.tokens_method = route.tokens_in, route.tokens_method
+            decision.route, decision.reason = [s.backend for s in route.steps], route.reason
+            return await rt.dispatcher.dispatch(request, req, profile, route, decision, started)
     except GatewayError as e:
         decision.outcome, decision.status, decision.error_code = "error", e.status, e.code
         decision.reason = decision.reason or e.message[:200]
@@ -50,15 +52,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    try:
+        policy = rt.teams.authenticate(request.headers)
+    except GatewayError as e:
+        return e.response()
     created = int(rt.settings.path.stat().st_mtime) if rt.settings.path.exists() else 0
     data = [{"id": "auto", "object": "model", "created": created, "owned_by": "switchyard",
              "description": "routed by policy"}]
     for name, backend in rt.backends.items():
-        data.append({"id": name, "object": "model", "created": created, "owned_by": f"switchyard:{backend.place}",
-                     "context_window": backend.context_window})
-    for task_model in rt.policy.task_models:
+        if policy.allowed_backends is None or name in policy.allowed_backends:
+            data.append({"id": name, "object": "model", "created": created,
+                         "owned_by": f"switchyard:{backend.place}", "context_window": backend.context_window})
+    for task_model in policy.task_models:
         data.append({"id": task_model, "object": "model", "created": created, "owned_by": "switchyard",
                      "description": "background tasks (Open WebUI TASK_MODEL_EXTERNAL)"})
+    if policy.allowed_models is not None:
+        data = [m for m in data if m["id"] in policy.allowed_models]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -71,7 +80,7 @@ async def readyz(request: web.Request) -> web.Response:
     backends = rt.backend_states()
     ready = any(v["ready"] and v["circuit"] != "open" for v in backends.values())
     body = {"status": "ready" if ready else "degraded", "config": str(rt.settings.path),
-            "policies": sorted(rt.settings.policies), "policy_errors": rt.policy_errors, "backends": backends}
+            "policies": sorted(rt.teams.policies), "policy_errors": rt.teams.errors, "backends": backends}
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -85,7 +94,7 @@ async def status_json(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     decisions = [d.as_dict() for d in list(rt.recorder.recent)[-50:]][::-1]
     return web.json_response({
-        "now": time.time(), "config": str(rt.settings.path), "teams": sorted(rt.settings.policies),
+        "now": time.time(), "config": str(rt.settings.path), "teams": sorted(rt.teams.policies),
         "backends": rt.backend_states(), "decisions": decisions,
         "usage_today": rt.activity.usage_today(), "per_minute": rt.activity.per_minute(),
     })

@@ -15,19 +15,22 @@ from typing import Any
 from aiolimiter import AsyncLimiter
 
 from .activity import Activity
+from .admit import Admission, month_start
 from .backends.base import Backend, ProbeResult
 from .backends.hosted import HostedBackend, load_litellm
 from .backends.llamacpp import LlamaCppBackend
 from .breaker import CircuitBreaker
 from .ceiling import CrashCeilings, state_path
 from .classify import Classifier
-from .config import LiteLLMBackend, Policy, Settings
+from .config import LiteLLMBackend, Policy, Settings, policies_dir_of
 from .config import LlamaCppBackend as LlamaCppConfig
 from .decide import Decider
 from .dispatch import Dispatcher
+from .ledger import Ledger, ledger_path
 from .metrics import Metrics
 from .record import Recorder
 from .slots import SlotQueue
+from .teams import Teams
 
 log = logging.getLogger("switchyard")
 
@@ -55,10 +58,12 @@ class Runtime:
     dispatcher: Dispatcher
     recorder: Recorder
     ceilings: CrashCeilings
+    teams: Teams
+    ledger: Ledger
+    admission: Admission
     metrics: Metrics = field(default_factory=Metrics)
     activity: Activity = field(default_factory=Activity)
     last_probe: dict[str, ProbeResult] = field(default_factory=dict)
-    policy_errors: list[str] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @classmethod
@@ -69,13 +74,18 @@ class Runtime:
                   if c.max_concurrency}
         limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
                     for n, c in settings.gateway.backends.items() if c.rate_limit_per_minute}
-        ceilings = CrashCeilings(state_path(settings.gateway.data_dir))
+        gw = settings.gateway
+        ceilings = CrashCeilings(state_path(gw.data_dir))
+        teams = Teams(gw, policies_dir_of(settings.path, gw), dict(settings.policies), dict(settings.policy_files))
+        ledger = Ledger(ledger_path(gw.data_dir, gw.ledger_path))
+        admission = Admission(ledger.spent_this_month(month_start()))
         return cls(settings, backends, breakers, queues, limiters, Classifier(),
                    Decider(backends, breakers, ceilings), Dispatcher(backends, breakers, queues, limiters, ceilings),
-                   Recorder(), ceilings)
+                   Recorder(), ceilings, teams, ledger, admission)
 
     def __post_init__(self) -> None:
-        self.recorder.sinks += [self.metrics.observe, self.activity.observe]
+        self.recorder.sinks += [self.metrics.observe, self.activity.observe, self.ledger.observe,
+                                self.admission.observe]
 
     def backend_states(self) -> dict[str, dict[str, Any]]:
         """Each backend as /readyz, /status.json and `explain --live` report it."""
@@ -100,11 +110,13 @@ class Runtime:
 
     @property
     def policy(self) -> Policy:
-        return self.settings.default_policy
+        return self.teams.default
 
     async def start(self) -> None:
         await self.refresh_all()
+        self.ledger.start()
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="switchyard-prober"))
+        self._tasks.append(asyncio.create_task(self._reload_loop(), name="switchyard-reload"))
         if any(b.place == "hosted" for b in self.backends.values()):
             # Importing litellm takes seconds: do it now, off the loop, not on the first request.
             self._tasks.append(asyncio.create_task(asyncio.to_thread(load_litellm), name="warm-litellm"))
@@ -115,12 +127,22 @@ class Runtime:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.ledger.stop()
         for b in self.backends.values():
             await b.close()
 
     async def refresh_all(self) -> None:
         results = await asyncio.gather(*(b.probe() for b in self.backends.values()))
         self.last_probe = dict(zip(self.backends, results, strict=True))
+
+    async def _reload_loop(self) -> None:
+        """Hot reload: changed policy files take effect for the next request, never mid-request."""
+        while True:
+            await asyncio.sleep(self.settings.gateway.reload_interval)
+            if self.teams.changed():
+                errors = self.teams.reload()
+                log.info("policies reloaded: teams %s%s", sorted(self.teams.policies),
+                         f"; {len(errors)} problem(s)" if errors else "")
 
     async def _probe_loop(self) -> None:
         tick = 0

@@ -141,13 +141,11 @@ async def test_429_past_the_budget_goes_to_the_next_backend(llama: LlamaServer, 
     compaction = {"model": "auto", "max_tokens": 16, "messages": [
         {"role": "system", "content": "You are a context summarization agent."},
         {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi"}]}
-    started = time.monotonic()
     resp = await gw.chat(compaction)
     assert resp.status == 200
     assert resp.headers["x-switchyard-backend"] == "local"
     assert "hosted rate_limited" in resp.headers["x-switchyard-failover"]
-    assert time.monotonic() - started < 10
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == 1 and gw.last.retries == 0  # did not sit out the 30 s
     assert gw.runtime.breakers["hosted"].state == "closed"  # a 429 is not a crash
 
 

@@ -27,7 +27,6 @@ _OWN = {"model", "messages", "stream", "stream_options"}
 def load_litellm() -> Any:
     litellm = importlib.import_module("litellm")
     litellm.suppress_debug_info = True
-    litellm.drop_params = True  # a field this provider lacks is dropped, not an error
     return litellm
 
 
@@ -61,6 +60,7 @@ class HostedBackend:
             extra_headers=extra_headers or None,
             num_retries=0,
             max_retries=0,
+            drop_params=True,  # a field this provider lacks (e.g. temperature for gpt-5) is dropped, not an error
             timeout=cfg.timeouts.total,
         )
         if stream:
