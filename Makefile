@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CONFIG ?= switchyard.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install install-test llama-server node-deps lint bench clean
+.PHONY: run test install install-test llama-server node-deps chromium lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ node-deps:
 	@command -v node >/dev/null || { echo "make test: node is required (apt-get install nodejs npm)"; exit 1; }
 	@cd tests/node && { [ -d node_modules/@ai-sdk/openai-compatible ] || npm ci --no-audit --no-fund --loglevel=error; }
 
-test: install llama-server node-deps
+# Real headless Chromium for the status-page test (Debian packages chromium + chromium-driver).
+chromium:
+	@bash scripts/ensure-chromium.sh
+
+test: install llama-server node-deps chromium
 	$(BIN)/ruff check gateway tests
 	$(BIN)/pytest -q
 

@@ -135,7 +135,8 @@ async def _gateway_state(url: str) -> dict[str, Any]:
 
 
 async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str], live: bool,
-                   gateway_url: str | None = None) -> dict[str, Any]:
+                   gateway_url: str | None = None, team: str | None = None,
+                   team_key: str | None = None) -> dict[str, Any]:
     from .errors import GatewayError
     from .receive import parse_chat
     from .runtime import Runtime
@@ -151,6 +152,15 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
                     breaker.adopt_open(state.get("circuit_detail") or "open in the running gateway")
         req = parse_chat(raw, headers)
         policy = rt.policy
+        if team_key:
+            found = rt.teams.team_for_key(team_key)
+            if found is None:
+                raise GatewayError("that key belongs to no team")
+            policy = found
+        elif team:
+            if team not in rt.teams.policies:
+                raise GatewayError(f"no team {team!r} (teams: {', '.join(sorted(rt.teams.policies))})")
+            policy = rt.teams.policies[team]
         profile = rt.classifier.classify(req, policy)
         out: dict[str, Any] = {
             "team": profile.team, "role": profile.role, "role_source": profile.role_source,
@@ -164,6 +174,7 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
             return out
         out.update(tokens_in=route.tokens_in, tokens_method=route.tokens_method, route=route.describe(),
                    reason=route.reason, rule=route.rule)
+        out["team"] = policy.team
         if live:
             out["backends"] = {n: {"ready": p.ready, "detail": p.detail} for n, p in rt.last_probe.items()}
             out["circuits"] = {n: b.describe() for n, b in rt.breakers.items()}
@@ -186,7 +197,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .errors import GatewayError
 
     try:
-        out = asyncio.run(_explain(settings, raw, CIMultiDictProxy(headers), args.live, args.gateway))
+        out = asyncio.run(_explain(settings, raw, CIMultiDictProxy(headers), args.live, args.gateway,
+                                   args.team, args.key))
     except GatewayError as e:
         print(json.dumps(e.payload()), file=sys.stderr)
         return 1
@@ -197,13 +209,97 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---- check -------------------------------------------------------------------------------------
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Validate switchyard.yaml and every policy file (or the policy files in DIR)."""
+    from .config import load_gateway, load_policies, policies_dir_of
+
     try:
-        settings = load_settings(args.config)
+        gateway = load_gateway(Path(args.config))
+        directory = Path(args.dir) if args.dir else policies_dir_of(Path(args.config), gateway)
+        policies, files = load_policies(directory, gateway)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 1
-    print(f"ok: {settings.path} with {len(settings.policies)} policy file(s): "
-          + ", ".join(str(p) for p in settings.policy_files.values()))
+    print(f"ok: {args.config} and {len(policies)} policy file(s): " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+# ---- keys --------------------------------------------------------------------------------------
+
+def _policy_file(settings: Settings, team: str) -> Path:
+    path = settings.policy_files.get(team)
+    if path is None:
+        raise SystemExit(f"switchyard: no policy file defines team {team!r} "
+                         f"(teams: {', '.join(sorted(settings.policy_files))})")
+    return path
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from .teams import hash_key, new_key
+
+    settings = _load(args.config)
+    path = _policy_file(settings, args.team)
+    lines = path.read_text().splitlines()
+    if args.action == "add":
+        key = new_key()
+        lines = _with_key(lines, hash_key(key))
+        path.write_text("\n".join(lines) + "\n")
+        _load(args.config)  # still valid?
+        print(key)
+        print(f"(stored only as its sha256 in {path}; this is the only time the key is shown)", file=sys.stderr)
+        return 0
+    target = args.key or ""
+    digest = hash_key(target) if target.startswith("sy-") else target.lower()
+    if len(digest) < 8:
+        print("switchyard key revoke: give the key itself or at least 8 hex digits of its hash", file=sys.stderr)
+        return 2
+    kept = [ln for ln in lines if not (ln.strip().lstrip("-").strip().strip("'\"").startswith(digest)
+                                       and ln.strip().startswith("-"))]
+    if len(kept) == len(lines):
+        print(f"switchyard key revoke: no key of team {args.team!r} matches", file=sys.stderr)
+        return 1
+    path.write_text("\n".join(kept) + "\n")
+    print(f"revoked {len(lines) - len(kept)} key(s) of team {args.team!r}")
+    return 0
+
+
+def _with_key(lines: list[str], digest: str) -> list[str]:
+    """Add `- digest` under `keys:` keeping the file's comments and layout."""
+    for i, line in enumerate(lines):
+        if line.startswith("keys:"):
+            rest = line[len("keys:"):].strip()
+            if rest in ("", "[]"):
+                return [*lines[:i], "keys:", f"  - {digest}", *lines[i + 1:]]
+            if rest.startswith("[") and rest.endswith("]"):
+                items = [x.strip() for x in rest[1:-1].split(",") if x.strip()]
+                return [*lines[:i], "keys:", *(f"  - {x}" for x in [*items, digest]), *lines[i + 1:]]
+    return [*lines, "keys:", f"  - {digest}"]
+
+
+# ---- usage -------------------------------------------------------------------------------------
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .ledger import ledger_path, parse_since, usage_table
+
+    settings = _load(args.config)
+    try:
+        since = parse_since(args.since)
+    except ValueError as e:
+        print(f"switchyard usage: {e}", file=sys.stderr)
+        return 2
+    path = ledger_path(settings.gateway.data_dir, settings.gateway.ledger_path)
+    rows = usage_table(path, since, args.team)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("team", "backend", "requests", "ok", "tokens_in", "tokens_out", "cost", "avg_latency_ms", "failovers")
+    table = [header] + [(r["team"], r["backend"], r["requests"], r["ok"], r["tokens_in"] or 0, r["tokens_out"] or 0,
+                         f"${(r['cost'] or 0):.4f}", f"{(r['avg_latency_ms'] or 0):.0f}", r["failovers"] or 0)
+                        for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
+    if not rows:
+        print(f"(no requests since {args.since} in {path})")
     return 0
 
 
@@ -243,11 +339,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live", action="store_true",
                    help="ask the backends and the running gateway (circuits) for their live state first")
     p.add_argument("--gateway", help="URL of the running gateway for --live (default: the config's listen address)")
+    p.add_argument("--team", help="decide as this team")
+    p.add_argument("--key", help="decide as the team this API key belongs to")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("check", help="validate the config and every policy file")
+    p.add_argument("dir", nargs="?", help="a policies directory (default: the config's policies_dir)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("key", help="add or revoke a team API key (stored as a sha256 hash)")
+    p.add_argument("action", choices=["add", "revoke"])
+    p.add_argument("team")
+    p.add_argument("key", nargs="?", help="revoke: the key, or its hash (at least 8 hex digits)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_key)
+
+    p = sub.add_parser("usage", help="requests, tokens and cost per team and backend, from the ledger")
+    p.add_argument("--team")
+    p.add_argument("--since", default="7d", help="e.g. 7d, 24h, 30m (default 7d)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("ceiling", help="show or reset the learned crash ceilings")
     p.add_argument("action", choices=["show", "reset"])

@@ -218,6 +218,11 @@ class Policy(Strict):
     sticky_sessions: Stickiness = Stickiness()
     rules: list[Rule] = Field(..., min_length=1)
 
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _empty_keys(cls, v: Any) -> Any:
+        return [] if v is None else v  # `keys:` with every key revoked
+
     @field_validator("keys")
     @classmethod
     def _hashes(cls, v: list[str]) -> list[str]:

@@ -122,13 +122,13 @@ class Decider:
 
     async def decide(self, body: dict[str, Any], headers: Mapping[str, str], profile: RequestProfile,
                      policy: Policy) -> Route:
+        if (profile.model in self.backends and policy.allowed_backends is not None
+                and profile.model not in policy.allowed_backends):
+            raise Forbidden(f"team {policy.team!r} may not use backend {profile.model!r}", code="backend_not_allowed")
         if policy.allowed_models is not None and profile.model not in policy.allowed_models:
             raise Forbidden(f"team {policy.team!r} may not use model {profile.model!r}; allowed: "
                             + ", ".join(policy.allowed_models))
         if profile.model in self.backends:
-            if policy.allowed_backends is not None and profile.model not in policy.allowed_backends:
-                raise Forbidden(f"team {policy.team!r} may not use backend {profile.model!r}",
-                                code="backend_not_allowed")
             idx, rule = -1, Rule(name=f"pinned to {profile.model}", route=[profile.model])
             rule_desc = f"model {profile.model!r} pins the backend"
         elif profile.model == "auto" or profile.model in policy.task_models:

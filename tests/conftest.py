@@ -10,8 +10,8 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,19 @@ def write_config(directory: Path, gateway: dict[str, Any], policies: dict[str, d
 class Gateway:
     client: TestClient
     runtime: Runtime
+    sdks: list[Any] = field(default_factory=list)
+
+    def sdk(self, api_key: str = "unused") -> Any:
+        """A real `openai.AsyncOpenAI` client pointed at this gateway (closed at teardown)."""
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0)
+        self.sdks.append(client)
+        return client
+
+    async def aclose(self) -> None:
+        for c in self.sdks:
+            await c.close()
 
     @property
     def base_url(self) -> str:
@@ -169,8 +182,9 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def make_gateway(aiohttp_client: Any, tmp_path: Path, fake: FakeHosted) -> GatewayFactory:
+async def make_gateway(aiohttp_client: Any, tmp_path: Path, fake: FakeHosted) -> AsyncIterator[GatewayFactory]:
     counter = iter(range(1000))
+    made: list[Gateway] = []
 
     async def make(
         local_url: str, hosted_url: str | None = None, policies: dict[str, Any] | None = None, **over: Any
@@ -180,9 +194,13 @@ async def make_gateway(aiohttp_client: Any, tmp_path: Path, fake: FakeHosted) ->
         path = write_config(tmp_path / f"cfg{next(counter)}", gw, policies or {"default": policy})
         app = create_app(load_settings(path))
         client = await aiohttp_client(app)
-        return Gateway(client, app[RUNTIME])
+        gw = Gateway(client, app[RUNTIME])
+        made.append(gw)
+        return gw
 
-    return make
+    yield make
+    for gw in made:
+        await gw.aclose()
 
 
 def chat_body(text: str = "Say hello.", **extra: Any) -> dict[str, Any]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import openai
-
 from gateway.embedded import LlamaServer
 from tests.conftest import GatewayFactory, chat_body
 from tests.fake_hosted import FakeHosted
@@ -25,7 +23,7 @@ def sse_events(raw: bytes) -> list[Any]:
 
 async def test_small_chat_goes_local(llama: LlamaServer, make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(llama.url)
-    client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="unused")
+    client = gw.sdk()
     raw = await client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
     )
@@ -135,7 +133,7 @@ async def test_hosted_stream_carries_usage_chunk(llama: LlamaServer, make_gatewa
 
 async def test_openai_sdk_streams_through_gateway(llama: LlamaServer, make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(llama.url)
-    client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="unused")
+    client = gw.sdk()
     stream = await client.chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "Say hi."}], max_tokens=12, stream=True,
         stream_options={"include_usage": True})
@@ -151,7 +149,7 @@ async def test_openai_sdk_streams_through_gateway(llama: LlamaServer, make_gatew
 
 async def test_pinned_backend_ids_and_model_list(llama: LlamaServer, make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(llama.url)
-    client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="unused")
+    client = gw.sdk()
     ids = [m.id async for m in client.models.list()]
     assert ids[:3] == ["auto", "local", "hosted"]
     resp = await gw.chat(chat_body(model="hosted"))
