@@ -133,7 +133,8 @@ class CircuitBreaker:
         if grow:
             self.cooldown = min(self.cooldown * 2, self.config.max_cooldown)
         self.opened_at = now
-        self.opened_wall = time.time()
-        self.last_reason = reason
+        if self.state is not State.OPEN:  # "open since" is when it first opened, not the last failed probe
+            self.opened_wall = time.time()
+            self.last_reason = reason
         self._failures.clear()
         self._move(State.OPEN, reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,10 @@ _OWN = {"model", "messages", "stream", "stream_options"}
 def load_litellm() -> Any:
     litellm = importlib.import_module("litellm")
     litellm.suppress_debug_info = True
+    # litellm logs whole request kwargs (prompts included) at DEBUG/INFO: keep its loggers at WARNING
+    # whatever level the gateway runs at, so no prompt text ever reaches a log line.
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return litellm
 
 
