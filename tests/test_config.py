@@ -121,3 +121,9 @@ def test_explain_huge_request_skips_local_on_size(tmp_path: Path) -> None:
     assert out["route"] == [{"backend": "hosted", "kind": "hosted"}]
     assert out["tokens_method"] == "bytes"
     assert "> local ceiling 32,768" in out["reason"]
+
+
+def test_two_team_example_is_valid() -> None:
+    settings = load_settings(REPO / "examples" / "two-teams" / "switchyard.yaml")
+    assert settings.gateway.auth == "keys"
+    assert sorted(settings.policies) == ["default", "platform", "research"]
