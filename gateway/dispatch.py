@@ -9,6 +9,7 @@ hit twice by the same request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -113,13 +114,29 @@ class Dispatcher:
     async def _open(self, backend: Backend, body: dict[str, Any], headers: dict[str, str], stream: bool,
                     decision: Decision) -> Upstream:
         limiter = self.limiters.get(backend.name)
+        if limiter is not None:
+            await self._pace(backend, limiter)
         async for attempt in rate_limit_retrying(backend.config.backoff):
             with attempt:
                 decision.retries = attempt.retry_state.attempt_number - 1
-                if limiter is not None:
-                    await limiter.acquire()
+                if attempt.retry_state.attempt_number > 1 and limiter is not None:
+                    await self._pace(backend, limiter)
                 return await backend.open(body, headers, stream)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    async def _pace(backend: Backend, limiter: AsyncLimiter) -> None:
+        """Stay under the provider's known rate: queue briefly; a longer wait counts as rate-limited
+        (so the request moves on) instead of sitting on it or provoking a 429 storm."""
+        cap = backend.config.backoff.max_wait
+        try:
+            async with asyncio.timeout(cap):
+                await limiter.acquire()
+        except TimeoutError:
+            raise failures.UpstreamFailure(
+                failures.Kind.RATE_LIMITED, backend.name,
+                f"over its configured {limiter.max_rate:g}/min; no slot within {cap:g}s",
+                retry_after=60.0 / limiter.max_rate) from None
 
     @staticmethod
     def _upstream_body(body: dict[str, Any], backend: Backend, route: Route) -> dict[str, Any]:

@@ -67,7 +67,7 @@ async def test_title_while_local_busy_is_queued_then_spilled(llama: LlamaServer,
     assert gw.last.queue_wait_ms >= 900  # it did wait its turn first
     main = await long_turn
     assert main.headers["x-switchyard-backend"] == "local"
-    await main.read()
+    main.close()  # done with it: leaving frees the slot
 
 
 async def test_client_disconnect_frees_the_local_slot(llama: LlamaServer, make_gateway: GatewayFactory) -> None:

@@ -219,3 +219,54 @@ async def test_client_leaving_during_a_backoff_wait_sends_no_retry(llama: LlamaS
     await asyncio.sleep(2.5)
     assert len(fake.requests) == 1
     assert gw.last.outcome == "client_gone"
+
+
+async def test_own_rate_limit_queues_briefly_then_moves_on(llama: LlamaServer, make_gateway: GatewayFactory,
+                                                           fake: FakeHosted) -> None:
+    gw = await make_gateway(llama.url)
+    hosted = gw.runtime.backends["hosted"]
+    from aiolimiter import AsyncLimiter
+
+    gw.runtime.limiters["hosted"] = gw.runtime.dispatcher.limiters["hosted"] = AsyncLimiter(2, 60)
+    object.__setattr__(hosted.config.backoff, "max_wait", 0.5)
+    for _ in range(2):
+        assert (await hosted_call(gw)).status == 200
+    third = await hosted_call(gw)  # pinned: nowhere else to go -> our own 429, provider never hit
+    assert third.status == 429 and int(third.headers["Retry-After"]) >= 1
+    assert len(fake.requests) == 2
+    routed = await gw.chat(chat_body("hi", model="auto", messages=[
+        {"role": "system", "content": "You are a context summarization agent."},
+        {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>"}]))
+    assert routed.headers["x-switchyard-backend"] == "local"  # compaction: hosted first, paced -> local
+    assert "hosted rate_limited" in routed.headers["x-switchyard-failover"]
+
+
+async def test_first_byte_timeout_fails_over(llama: LlamaServer, make_gateway: GatewayFactory,
+                                             fake: FakeHosted) -> None:
+    gw = await make_gateway(llama.url)
+    object.__setattr__(gw.runtime.backends["hosted"].config.timeouts, "first_byte", 1.0)
+    fake.script(Reply.slow(first_byte_delay=5))
+    compaction = {"model": "auto", "max_tokens": 8, "messages": [
+        {"role": "system", "content": "You are a context summarization agent."},
+        {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>"}]}
+    resp = await gw.chat(compaction)
+    assert resp.status == 200 and resp.headers["x-switchyard-backend"] == "local"
+    assert "hosted timeout" in resp.headers["x-switchyard-failover"]
+
+
+def test_ceiling_cli_shows_and_resets(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from gateway.ceiling import CrashCeilings, state_path
+    from tests.conftest import config_for, write_config
+
+    gw_cfg, policy = config_for("http://127.0.0.1:9", "http://127.0.0.1:9/v1", data_dir=str(tmp_path / "data"))
+    cfg = write_config(tmp_path, gw_cfg, {"default": policy})
+    CrashCeilings(state_path(str(tmp_path / "data"))).learn("local", 12345)
+    show = subprocess.run([sys.executable, "-m", "gateway.cli", "ceiling", "show", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(show.stdout)["ceilings"]["local"]["tokens"] == 12345
+    subprocess.run([sys.executable, "-m", "gateway.cli", "ceiling", "reset", "local", "--config", str(cfg)],
+                   check=True, capture_output=True, timeout=60)
+    assert CrashCeilings(state_path(str(tmp_path / "data"))).get("local") is None

@@ -252,3 +252,18 @@ def test_key_add_and_revoke(tmp_path: Path) -> None:
     assert revoked.returncode == 0, revoked.stderr
     assert hash_key(key) not in (tmp_path / "policies" / "ops.yaml").read_text()
     assert run_cli("check", "--config", str(path)).returncode == 0
+
+
+async def test_a_ledger_that_cannot_write_never_fails_a_request(llama: LlamaServer, fake: FakeHosted,
+                                                                aiohttp_client: Any, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the ledger's directory should be")
+    gw_cfg, policy = config_for(llama.url, fake.url, data_dir=str(tmp_path / "data"),
+                                ledger_path=str(blocker / "ledger.sqlite"))
+    app = create_app(load_settings(write_config(tmp_path / "cfg", gw_cfg, {"default": policy})))
+    gw = Gateway(await aiohttp_client(app), app[RUNTIME])
+    for _ in range(3):
+        assert (await gw.chat(body(model="hosted"))).status == 200
+    await gw.runtime.ledger.flush()
+    assert "usage ledger write failed" in caplog.text
