@@ -203,5 +203,12 @@ async def make_gateway(aiohttp_client: Any, tmp_path: Path, fake: FakeHosted) ->
         await gw.aclose()
 
 
+def compaction_body(**extra: Any) -> dict[str, Any]:
+    """opencode's compaction request, as ../shared/clients.md records it."""
+    return {"model": "auto", "max_tokens": 8, "messages": [
+        {"role": "system", "content": "You are a context summarization agent."},
+        {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi</conversation>"}], **extra}
+
+
 def chat_body(text: str = "Say hello.", **extra: Any) -> dict[str, Any]:
     return {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 16, **extra}

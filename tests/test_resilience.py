@@ -10,7 +10,7 @@ import urllib.request
 from typing import Any
 
 from gateway.embedded import LlamaServer
-from tests.conftest import Gateway, GatewayFactory, chat_body, wait_healthy
+from tests.conftest import Gateway, GatewayFactory, chat_body, compaction_body, wait_healthy
 from tests.fake_hosted import FakeHosted, Reply
 from tests.test_core_routing import sse_events
 
@@ -138,10 +138,7 @@ async def test_429_past_the_budget_goes_to_the_next_backend(llama: LlamaServer, 
                                                             fake: FakeHosted) -> None:
     gw = await make_gateway(llama.url)
     fake.script(Reply.rate_limited(retry_after="30"))  # more than max_wait: don't sit on it
-    compaction = {"model": "auto", "max_tokens": 16, "messages": [
-        {"role": "system", "content": "You are a context summarization agent."},
-        {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi"}]}
-    resp = await gw.chat(compaction)
+    resp = await gw.chat(compaction_body())
     assert resp.status == 200
     assert resp.headers["x-switchyard-backend"] == "local"
     assert "hosted rate_limited" in resp.headers["x-switchyard-failover"]
@@ -234,9 +231,7 @@ async def test_own_rate_limit_queues_briefly_then_moves_on(llama: LlamaServer, m
     third = await hosted_call(gw)  # pinned: nowhere else to go -> our own 429, provider never hit
     assert third.status == 429 and int(third.headers["Retry-After"]) >= 1
     assert len(fake.requests) == 2
-    routed = await gw.chat(chat_body("hi", model="auto", messages=[
-        {"role": "system", "content": "You are a context summarization agent."},
-        {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>"}]))
+    routed = await gw.chat(compaction_body())
     assert routed.headers["x-switchyard-backend"] == "local"  # compaction: hosted first, paced -> local
     assert "hosted rate_limited" in routed.headers["x-switchyard-failover"]
 
@@ -246,10 +241,7 @@ async def test_first_byte_timeout_fails_over(llama: LlamaServer, make_gateway: G
     gw = await make_gateway(llama.url)
     object.__setattr__(gw.runtime.backends["hosted"].config.timeouts, "first_byte", 1.0)
     fake.script(Reply.slow(first_byte_delay=5))
-    compaction = {"model": "auto", "max_tokens": 8, "messages": [
-        {"role": "system", "content": "You are a context summarization agent."},
-        {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>"}]}
-    resp = await gw.chat(compaction)
+    resp = await gw.chat(compaction_body())
     assert resp.status == 200 and resp.headers["x-switchyard-backend"] == "local"
     assert "hosted timeout" in resp.headers["x-switchyard-failover"]
 
