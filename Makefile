@@ -28,6 +28,8 @@ llama-server:
 node-deps:
 	@command -v node >/dev/null || { echo "make test: node is required (apt-get install nodejs npm)"; exit 1; }
 	@cd tests/node && { [ -d node_modules/@ai-sdk/openai-compatible ] || npm ci --no-audit --no-fund --loglevel=error; }
+	@# opencode itself (pinned); `npm install`, not `npm ci`: the registry here has only linux-x64 binaries
+	@cd tests/opencode && { npm ls --depth=0 >/dev/null 2>&1 || npm install --no-audit --no-fund --loglevel=error; }
 
 # Real headless Chromium for the status-page test (Debian packages chromium + chromium-driver).
 chromium:
@@ -44,4 +46,4 @@ bench: install llama-server
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) tests/node/node_modules .pytest_cache
+	rm -rf $(VENV) tests/node/node_modules tests/opencode/node_modules .pytest_cache

@@ -29,7 +29,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         decision.team = policy.team
         req = await receive(request, rt.settings.gateway.body_limit_bytes)
         profile = rt.classifier.classify(req, policy)
-        decision.role, decision.client, decision.session = profile.role, profile.client, profile.session
+        decision.role, decision.role_source = profile.role, profile.role_source
+        decision.client, decision.session = profile.client, profile.session
         decision.model, decision.stream = req.model, req.stream
         decision.output_reserve = profile.output_reserve
         route = await rt.decider.decide(req.body, req.headers, profile, policy)

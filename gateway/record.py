@@ -23,6 +23,7 @@ class Decision:
     id: str
     team: str
     role: str = ""
+    role_source: str = ""  # which signal decided the role (header, signature, task model, default)
     client: str = ""
     session: str | None = None
     model: str = ""

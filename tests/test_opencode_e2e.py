@@ -32,7 +32,7 @@ OPENCODE_VERSION = "1.18.33"
 OPENCODE_DIR = Path(__file__).parent / "opencode"
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 OPENCODE_JSON = DEPLOY / "opencode.json"
-RUN_TIMEOUT = 100.0  # seconds for the whole `opencode run` (typically 5-15 s here)
+RUN_TIMEOUT = 100.0  # seconds for the whole `opencode run`: ~15 s on an idle box, 25-55 s under load
 # Keeps SmolLM2's answers short so the run is bounded; everything else is deploy/opencode.json.
 OUTPUT_LIMIT = 96
 PROMPT = "Reply with one short sentence: hello."
@@ -211,7 +211,7 @@ async def test_opencode_run_through_switchyard(opencode_bin: Path, llama: LlamaS
     assert not decoys, ("the x-opencode-agent header (deploy/opencode-plugin) did not decide the role: "
                         f"the prompt signatures did{context}")
     sessions = {d.session for d in decisions}
-    assert len(sessions) == 1 and next(iter(sessions), "").startswith("ses_"), f"session ids: {sessions}{context}"
+    assert len(sessions) == 1 and str(next(iter(sessions))).startswith("ses_"), f"session ids: {sessions}{context}"
 
     for role, rule in (("title", "background"), ("main", "default")):
         # The title runs beside the main turn; opencode may exit once the turn is done and cut a
