@@ -36,13 +36,13 @@ chromium:
 	@bash scripts/ensure-chromium.sh
 
 test: install llama-server node-deps chromium
-	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check .
 
-bench: install llama-server
+bench: install
 	$(BIN)/python -m bench.run
 
 clean:

@@ -8,7 +8,6 @@ request's byte bounds straddle a hosted backend's ceiling.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import statistics
@@ -106,7 +105,7 @@ async def _measure(config_path: Path, chars: int, iterations: int, exact_iterati
     }
 
 
-def measure(config_path: Path, chars: int = 350_000, iterations: int = 200,
-            exact_iterations: int = 20) -> dict[str, Any]:
+async def measure(config_path: Path, chars: int = 350_000, iterations: int = 200,
+                  exact_iterations: int = 20) -> dict[str, Any]:
     ensure_tiktoken_offline()
-    return asyncio.run(_measure(config_path, chars, iterations, exact_iterations))
+    return await _measure(config_path, chars, iterations, exact_iterations)

@@ -307,6 +307,13 @@ def proc_tree(pid: int) -> list[int]:
     return out
 
 
+def machine_busy() -> float:
+    """Seconds of CPU the whole machine has spent busy (all cores; /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / _CLK  # user..steal, minus idle and iowait
+
+
 def rss_kb(pid: int, field_name: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

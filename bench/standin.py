@@ -164,7 +164,8 @@ class Conn(asyncio.Protocol):
             srv.max_inflight = 0
             t.write(_response("200 OK", b'{"ok":true}', close=close))
         elif path == b"/_bench/stats":
-            t.write(_response("200 OK", b'{"requests":%d,"max_inflight":%d}' % (srv.requests, srv.max_inflight), close=close))
+            stats = b'{"requests":%d,"max_inflight":%d}' % (srv.requests, srv.max_inflight)
+            t.write(_response("200 OK", stats, close=close))
         else:
             t.write(_response("404 Not Found", b'{"error":{"message":"not found","code":404}}', close=close))
         if close:
