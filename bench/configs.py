@@ -22,8 +22,10 @@ def switchyard_config(directory: Path, upstream_port: int, *, n_ctx: int = 32768
         "data_dir": str(directory / "data"),
         "backends": {
             # A llama-server with enough slots for the load (-np 64): the queue is there but never waits.
+            # keep_alive: the stand-in (like a proxy in front of llama.cpp) keeps connections open, and
+            # nginx here reuses its upstream connections too; same footing for both.
             "local": {"kind": "llamacpp", "url": url, "embedded": False, "max_concurrency": concurrency,
-                      "context_limit": n_ctx,
+                      "context_limit": n_ctx, "keep_alive": True,
                       "timeouts": {"connect": 2, "first_byte": 60, "idle": 60, "total": 300}},
             "hosted": {"kind": "litellm", "model": "openai/gpt-5-nano", "api_base": f"{url}/v1",
                        "api_key_env": UPSTREAM_KEY_ENV,

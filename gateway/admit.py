@@ -36,6 +36,7 @@ class _TeamState:
     in_flight: int = 0
     spent: float = 0.0  # this calendar month, dollars
     month: float = field(default_factory=month_start)
+    month_end: float = field(default_factory=lambda: _next_month())
 
 
 class Admission:
@@ -57,8 +58,8 @@ class Admission:
             st.tpm = AsyncLimiter(lim.tokens_per_minute, 60)
         if not lim.tokens_per_minute:
             st.tpm = None
-        if st.month != month_start():
-            st.month, st.spent = month_start(), 0.0
+        if time.time() >= st.month_end:  # a new calendar month: the budget starts over
+            st.month, st.month_end, st.spent = month_start(), _next_month(), 0.0
         return st
 
     def observe(self, d: Decision) -> None:

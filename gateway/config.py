@@ -72,6 +72,9 @@ class LlamaCppBackend(BackendBase):
         True, description="when nothing answers at url, `switchyard serve` starts the bundled llama-server"
     )
     breaker: Breaker | None = Breaker(failure_threshold=1)
+    keep_alive: bool = Field(
+        False, description="reuse upstream connections (a proxy in front of llama.cpp); llama-server itself "
+        "answers `Connection: close`, so the default opens a fresh connection per request")
     learned_ceiling_fraction: float = Field(
         0.9, gt=0, le=1, description="after a crash on N tokens, requests >= fraction*N skip this backend")
     learn_min_tokens: int = Field(4096, ge=0, description="crashes on smaller requests teach no ceiling")

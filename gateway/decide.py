@@ -7,6 +7,7 @@ lets traffic through. The reason is one line a human can act on.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -254,5 +255,5 @@ class Decider:
             return _Fit(True, size.estimate, "bytes", limit)
         if size.lower > limit:
             return _Fit(False, size.estimate, "bytes", limit, f"{size.estimate:,} tokens > {name} window {limit:,}")
-        n = tk.count_tiktoken(body)
+        n = await asyncio.to_thread(tk.count_tiktoken, body)  # ~16 ms for 350 KB: off the event loop
         return _Fit(n <= limit, n, "exact", limit, "" if n <= limit else f"{n:,} tokens > {name} window {limit:,}")

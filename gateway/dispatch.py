@@ -83,7 +83,9 @@ class Dispatcher:
             breaker.begin()
         decision.overhead_ms = (time.monotonic() - started) * 1000 - decision.queue_wait_ms
         try:
-            upstream = await self._open(backend, body, headers, req.stream, decision)
+            # Unchanged body: send the client's bytes as they came (no re-encoding of a 300 KB prompt).
+            raw = req.raw if body is req.body else None
+            upstream = await self._open(backend, body, headers, req.stream, decision, raw)
         except failures.UpstreamFailure as f:
             self._judge(breaker, f)
             self._learn(backend, f, route)
@@ -112,16 +114,26 @@ class Dispatcher:
         return resp
 
     async def _open(self, backend: Backend, body: dict[str, Any], headers: dict[str, str], stream: bool,
-                    decision: Decision) -> Upstream:
+                    decision: Decision, raw: bytes | None) -> Upstream:
         limiter = self.limiters.get(backend.name)
         if limiter is not None:
             await self._pace(backend, limiter)
+        try:
+            # The common case costs one call; the retry machinery is built only after a 429.
+            return await backend.open(body, headers, stream, raw)
+        except failures.UpstreamFailure as f:
+            if f.kind is not failures.Kind.RATE_LIMITED:
+                raise
+            pending: failures.UpstreamFailure | None = f
         async for attempt in rate_limit_retrying(backend.config.backoff):
             with attempt:
+                if pending is not None:  # replay the 429 we already have as tenacity's first attempt
+                    failure, pending = pending, None
+                    raise failure
                 decision.retries = attempt.retry_state.attempt_number - 1
-                if attempt.retry_state.attempt_number > 1 and limiter is not None:
+                if limiter is not None:
                     await self._pace(backend, limiter)
-                return await backend.open(body, headers, stream)
+                return await backend.open(body, headers, stream, raw)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod

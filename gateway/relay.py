@@ -21,8 +21,8 @@ from .backends.base import Upstream
 from .errors import error_payload
 
 _DONE = b"data: [DONE]"
-_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
-_ERROR_MARKERS = (b'data: {"error"', b'data:{"error"')
+_USAGE, _USAGE_SPACED = b'"usage":{', b'"usage": {'
+_ERROR = b'{"error"'  # an SSE error event; inside a JSON string the quotes would be escaped
 
 
 @dataclass(slots=True)
@@ -45,12 +45,13 @@ def _usage_from_json(body: bytes) -> dict[str, Any] | None:
 
 
 def _usage_from_sse(chunk: bytes) -> dict[str, Any] | None:
-    for line in chunk.split(b"\n"):
-        if line.startswith(b"data:") and any(m in line for m in _USAGE_MARKERS):
-            found = _usage_from_json(line[5:].strip())
-            if found:
-                return found
-    return None
+    """Parse only the `data:` line that carries the usage object."""
+    at = max(chunk.rfind(_USAGE), chunk.rfind(_USAGE_SPACED))
+    if at < 0:
+        return None
+    start = chunk.rfind(b"data:", 0, at)
+    end = chunk.find(b"\n", at)
+    return _usage_from_json(chunk[start + 5:end if end >= 0 else len(chunk)].strip())
 
 
 async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str, str],
@@ -71,30 +72,33 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
     saw_done = saw_error = False
     usage_chunk: bytes | None = None
     deltas = 0
+
+    async def forward(chunk: bytes) -> None:
+        # Three substring scans per chunk (C speed); anything more is done once, at the end.
+        nonlocal saw_done, saw_error, usage_chunk, deltas
+        outcome.chunks += 1
+        if usage_chunk is None and (_USAGE in chunk or _USAGE_SPACED in chunk):
+            usage_chunk = chunk
+        if _ERROR in chunk:
+            saw_error = True
+            outcome.failure = failures.from_stream_error_event(backend, _error_line(chunk))
+        if include_usage and usage_chunk is None:
+            deltas += chunk.count(b'"delta"')
+        if _DONE in chunk:
+            saw_done = True
+            if include_usage and usage_chunk is None:
+                head, _, rest = chunk.partition(_DONE)
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": deltas,
+                         "total_tokens": prompt_tokens + deltas}
+                outcome.usage = usage
+                chunk = head + _usage_event(usage) + _DONE + rest
+        await resp.write(chunk)
+
     try:
         await resp.prepare(request)
-        chunk = upstream.first
-        while True:
-            outcome.chunks += 1
-            if usage_chunk is None and any(m in chunk for m in _USAGE_MARKERS):
-                usage_chunk = chunk
-            if any(m in chunk for m in _ERROR_MARKERS):
-                saw_error = True
-                outcome.failure = failures.from_stream_error_event(backend, _error_line(chunk))
-            deltas += chunk.count(b'"delta"')
-            if _DONE in chunk:
-                saw_done = True
-                if include_usage and usage_chunk is None:
-                    head, _, rest = chunk.partition(_DONE)
-                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": deltas,
-                             "total_tokens": prompt_tokens + deltas}
-                    outcome.usage = usage
-                    chunk = head + _usage_event(usage) + _DONE + rest
-            await resp.write(chunk)
-            try:
-                chunk = await anext(upstream.rest)
-            except StopAsyncIteration:
-                break
+        await forward(upstream.first)
+        async for chunk in upstream.rest:
+            await forward(chunk)
     except failures.UpstreamFailure as f:
         outcome.failure = f
     except (ConnectionResetError, ConnectionError):
@@ -128,8 +132,8 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
 
 def _error_line(chunk: bytes) -> bytes:
     for line in chunk.split(b"\n"):
-        if any(line.startswith(m) for m in _ERROR_MARKERS):
-            return line.split(b":", 1)[1].strip()
+        if line.startswith(b"data:") and _ERROR in line:
+            return line[5:].strip()
     return chunk
 
 

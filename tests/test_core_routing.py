@@ -156,3 +156,18 @@ async def test_pinned_backend_ids_and_model_list(llama: LlamaServer, make_gatewa
     assert resp.headers["x-switchyard-backend"] == "hosted"
     resp = await gw.chat(chat_body(model="local"))
     assert resp.headers["x-switchyard-backend"] == "local"
+
+
+async def test_keep_alive_upstream_survives_llama_servers_connection_close(llama: LlamaServer,
+                                                                          make_gateway: GatewayFactory) -> None:
+    """With `keep_alive: true` a pooled socket that llama-server already closed is retried once on a
+    fresh connection — never mistaken for a crash, never failed over."""
+    gw = await make_gateway(llama.url)
+    object.__setattr__(gw.runtime.backends["local"].config, "keep_alive", True)
+    for i in range(6):
+        resp = await gw.chat(chat_body("Say hi.", max_tokens=2, stream=bool(i % 2)))
+        assert resp.status == 200
+        assert resp.headers["x-switchyard-backend"] == "local"
+        assert "x-switchyard-failover" not in resp.headers
+        await resp.read()
+    assert gw.runtime.breakers["local"].state == "closed"

@@ -44,7 +44,9 @@ class Backend(Protocol):
     def context_window(self) -> int | None:
         """The largest prompt+answer this backend takes, as configured and as live-reported."""
 
-    async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool) -> Upstream: ...
+    async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
+                   raw: bytes | None = None) -> Upstream:
+        """`raw`, when given, is `body` already encoded (the client's own bytes): send it as is."""
 
     async def count_tokens(self, body: dict[str, Any]) -> int | None: ...
 

@@ -72,7 +72,8 @@ class HostedBackend:
             kwargs["stream_options"] = body.get("stream_options") or {"include_usage": True}
         return kwargs
 
-    async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool) -> Upstream:
+    async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
+                   raw: bytes | None = None) -> Upstream:
         litellm = load_litellm()
         try:
             async with asyncio.timeout(self.config.timeouts.first_byte):

@@ -32,18 +32,40 @@ class LlamaCppBackend:
         self.url = config.url
         self.live_n_ctx: int | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
         self._count_route: str | None = None  # which token-count API this server has
+
+    def _new_session(self, force_close: bool) -> aiohttp.ClientSession:
+        t = self.config.timeouts
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=force_close, limit=0),
+            timeout=aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.idle),
+            skip_auto_headers=("User-Agent",),
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            t = self.config.timeouts
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                timeout=aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.idle),
-                skip_auto_headers=("User-Agent",),
-            )
+            self._session = self._new_session(force_close=not self.config.keep_alive)
         return self._session
+
+    @property
+    def fresh_session(self) -> aiohttp.ClientSession:
+        """One connection per request, for the retry after a stale pooled socket."""
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = self._new_session(force_close=True)
+        return self._fresh
+
+    async def _post(self, data: bytes) -> aiohttp.ClientResponse:
+        url = f"{self.url}/v1/chat/completions"
+        if not self.config.keep_alive:
+            return await self.session.post(url, data=data, headers=_JSON)
+        try:
+            return await self.session.post(url, data=data, headers=_JSON)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # A pooled socket the server had already closed fails before any response byte. Retry
+            # once on a fresh connection: if the server really died, that one is refused (a crash).
+            return await self.fresh_session.post(url, data=data, headers=_JSON)
 
     @property
     def context_window(self) -> int | None:
@@ -54,11 +76,12 @@ class LlamaCppBackend:
         """Point at another server (the embedded one `serve` starts when nothing answered)."""
         self.url = url.rstrip("/")
 
-    async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool) -> Upstream:
-        data = json.dumps(body).encode()
+    async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
+                   raw: bytes | None = None) -> Upstream:
+        data = raw if raw is not None else json.dumps(body).encode()
         try:
             async with asyncio.timeout(self.config.timeouts.first_byte):
-                resp = await self.session.post(f"{self.url}/v1/chat/completions", data=data, headers=_JSON)
+                resp = await self._post(data)
                 try:
                     if resp.status != 200:
                         raw = await resp.read()
@@ -136,8 +159,9 @@ class LlamaCppBackend:
             return ProbeResult(False, f"unreachable: {type(e).__name__}")
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for s in (self._session, self._fresh):
+            if s is not None:
+                await s.close()
 
 
 def _closer(resp: aiohttp.ClientResponse) -> Any:
