@@ -44,6 +44,9 @@ def _row(d: Decision) -> tuple[Any, ...]:
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, timeout=5, check_same_thread=False)
+    # WAL + NORMAL: one cheap commit per batch instead of a journal rewrite and fsync per write.
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(_SCHEMA)
     return db
 

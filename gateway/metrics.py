@@ -40,21 +40,30 @@ class Metrics:
                             registry=r)
         self.queue_depth = Gauge("switchyard_queue_depth", "Requests waiting for a slot", ["backend"], registry=r)
         self.queue_busy = Gauge("switchyard_queue_busy", "Slots in use", ["backend"], registry=r)
+        self._series: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self.circuit = Gauge("switchyard_circuit_state", "0 closed, 1 half-open, 2 open", ["backend"], registry=r)
 
     def observe(self, d: Decision) -> None:
         backend = d.backend or "none"
-        self.requests.labels(d.team, d.role or "unknown", backend, d.outcome or "unknown").inc()
+        key = (d.team, d.role or "unknown", backend, d.outcome or "unknown")
+        series = self._series.get(key)
+        if series is None:  # resolve label children once per combination, not per request
+            series = self._series[key] = (
+                self.requests.labels(*key), self.first_byte.labels(backend), self.total.labels(backend),
+                self.queue_wait.labels(backend), self.tokens.labels(d.team, backend, "in"),
+                self.tokens.labels(d.team, backend, "out"))
+        requests, first_byte, total, queue_wait, tokens_in, tokens_out = series
+        requests.inc()
         if d.backend:
-            self.first_byte.labels(backend).observe(d.first_byte_ms / 1000)
-            self.total.labels(backend).observe(d.total_ms / 1000)
+            first_byte.observe(d.first_byte_ms / 1000)
+            total.observe(d.total_ms / 1000)
             self.overhead.observe(max(0.0, d.overhead_ms) / 1000)
             if d.queue_wait_ms:
-                self.queue_wait.labels(backend).observe(d.queue_wait_ms / 1000)
+                queue_wait.observe(d.queue_wait_ms / 1000)
             if d.retries:
                 self.retries.labels(backend).inc(d.retries)
-            self.tokens.labels(d.team, backend, "in").inc(d.prompt_tokens or d.tokens_in)
-            self.tokens.labels(d.team, backend, "out").inc(d.tokens_out)
+            tokens_in.inc(d.prompt_tokens or d.tokens_in)
+            tokens_out.inc(d.tokens_out)
             if d.cost:
                 self.cost.labels(d.team, backend).inc(d.cost)
         for event in d.failover:
