@@ -337,10 +337,6 @@ class Settings:
     policies: dict[str, Policy]
     policy_files: dict[str, Path]
 
-    @property
-    def default_policy(self) -> Policy:
-        return self.policies[self.gateway.default_team]
-
 
 def policies_dir_of(config_path: Path, gateway: GatewayConfig) -> Path:
     d = Path(os.path.expanduser(gateway.policies_dir))

@@ -103,7 +103,3 @@ async def status_json(request: web.Request) -> web.Response:
 
 async def status_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "status.html", headers={"Cache-Control": "no-cache"})
-
-
-async def not_found(request: web.Request) -> web.Response:
-    raise web.HTTPNotFound()

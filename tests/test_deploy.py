@@ -235,7 +235,7 @@ def test_image_default_config_loads(tmp_path: Path) -> None:
             else:
                 shutil.copy(REPO / src, target)
     settings = load_settings(root / CONFIG_IN_CONTAINER.lstrip("/"))
-    assert settings.default_policy.rules
+    assert settings.policies[settings.gateway.default_team].rules
 
 
 # ---- switchyard.service ------------------------------------------------------------------------
