@@ -171,3 +171,28 @@ async def test_keep_alive_upstream_survives_llama_servers_connection_close(llama
         assert "x-switchyard-failover" not in resp.headers
         await resp.read()
     assert gw.runtime.breakers["local"].state == "closed"
+
+
+async def test_usage_chunk_is_added_when_the_upstream_sends_none(make_gateway: GatewayFactory,
+                                                                 aiohttp_server: Any) -> None:
+    """opencode compacts only from the final usage chunk: if an upstream omits it, we add one."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in ("Hel", "lo"):
+            chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(str(server.make_url("")).rstrip("/"))
+    resp = await gw.chat(chat_body("hi", model="local", stream=True, stream_options={"include_usage": True}))
+    events = sse_events(await resp.read())
+    assert events[-1] == "[DONE]"
+    usage = events[-2]["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 2
