@@ -167,6 +167,10 @@ class Decider:
             if breaker is not None and not breaker.allows():
                 open_circuits.append(breaker.describe())
                 continue
+            missing = backend.unusable
+            if missing:  # e.g. no API key: sending it would only earn a 401 the client can't fix
+                open_circuits.append(f"{name}: {missing}")
+                continue
             steps.append(Step(name, backend.place, queue_wait))
         tokens = best.tokens if best else profile.tokens_in
         method = best.method if best else "bytes"

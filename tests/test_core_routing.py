@@ -10,6 +10,9 @@ from tests.conftest import GatewayFactory, chat_body
 from tests.fake_hosted import FakeHosted
 
 COMPACTION_SYSTEM = "You are a context summarization agent. Summarize the conversation."
+COMPACTION = {"model": "auto", "messages": [
+    {"role": "system", "content": COMPACTION_SYSTEM},
+    {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi</conversation>"}]}
 
 
 def sse_events(raw: bytes) -> list[Any]:
@@ -196,3 +199,16 @@ async def test_usage_chunk_is_added_when_the_upstream_sends_none(make_gateway: G
     assert events[-1] == "[DONE]"
     usage = events[-2]["usage"]
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 2
+
+
+async def test_hosted_without_its_key_is_skipped_with_the_reason(llama: LlamaServer, make_gateway: GatewayFactory,
+                                                                 monkeypatch: Any) -> None:
+    monkeypatch.delenv("TEST_HOSTED_KEY")
+    gw = await make_gateway(llama.url)
+    resp = await gw.chat({**COMPACTION, "max_tokens": 8})
+    assert resp.status == 200 and resp.headers["x-switchyard-backend"] == "local"
+    assert "hosted: TEST_HOSTED_KEY is not set" in resp.headers["x-switchyard-route"]
+    readyz = await (await gw.client.get("/readyz")).json()
+    assert readyz["backends"]["hosted"]["ready"] is False
+    pinned = await gw.chat(chat_body(model="hosted"))
+    assert pinned.status == 503 and "TEST_HOSTED_KEY is not set" in (await pinned.json())["error"]["message"]

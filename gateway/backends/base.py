@@ -44,6 +44,10 @@ class Backend(Protocol):
     def context_window(self) -> int | None:
         """The largest prompt+answer this backend takes, as configured and as live-reported."""
 
+    @property
+    def unusable(self) -> str | None:
+        """Why this backend cannot take requests at all right now (config, not health), or None."""
+
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
                    raw: bytes | None = None) -> Upstream:
         """`raw`, when given, is `body` already encoded (the client's own bytes): send it as is."""

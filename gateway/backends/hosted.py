@@ -49,6 +49,13 @@ class HostedBackend:
             return self.config.context_limit
         return self.info.max_input_tokens if self.info else None
 
+    @property
+    def unusable(self) -> str | None:
+        cfg = self.config
+        if cfg.api_key_env and not cfg.api_key:
+            return f"{cfg.api_key_env} is not set"
+        return None
+
     def _kwargs(self, body: dict[str, Any], headers: dict[str, str], stream: bool) -> dict[str, Any]:
         cfg = self.config
         extra_headers = dict(cfg.extra_headers)
@@ -121,6 +128,8 @@ class HostedBackend:
         return count_tiktoken(body)
 
     async def probe(self) -> ProbeResult:
+        if self.unusable:
+            return ProbeResult(False, self.unusable)
         # Probing a paid, rate-limited provider costs money and quota: the half-open trial request
         # is the probe. Report ready so the breaker lets one live request through.
         return ProbeResult(True, "hosted: trial request decides")

@@ -72,6 +72,8 @@ class LlamaCppBackend:
         limits = [n for n in (self.config.context_limit, self.live_n_ctx) if n]
         return min(limits) if limits else None
 
+    unusable: str | None = None
+
     def retarget(self, url: str) -> None:
         """Point at another server (the embedded one `serve` starts when nothing answered)."""
         self.url = url.rstrip("/")
