@@ -108,4 +108,8 @@ async def _measure(config_path: Path, chars: int, iterations: int, exact_iterati
 async def measure(config_path: Path, chars: int = 350_000, iterations: int = 200,
                   exact_iterations: int = 20) -> dict[str, Any]:
     ensure_tiktoken_offline()
+    from bench.configs import UPSTREAM_KEY_ENV
+
+    # The in-process decision must see the hosted key that `serve` gets, or hosted is skipped as keyless.
+    os.environ.setdefault(UPSTREAM_KEY_ENV, "sk-bench-upstream")
     return await _measure(config_path, chars, iterations, exact_iterations)

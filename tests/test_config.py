@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from gateway.config import ConfigError, load_settings
 REPO = Path(__file__).resolve().parent.parent
 SWITCHYARD = [sys.executable, "-m", "gateway.cli"]
 
+WITH_KEY = {**os.environ, "OPENCODE_API_KEY": "sk-explain-test"}  # the shipped hosted backend's key
 GOOD_POLICY = "team: default\nrules:\n  - route: [local]\n"
 
 
@@ -103,7 +105,7 @@ def test_explain_prints_the_decision_without_sending(tmp_path: Path) -> None:
         {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>"}]}))
     proc = subprocess.run([*SWITCHYARD, "explain", "--config", str(REPO / "switchyard.yaml"), str(req),
                            "--header", "x-session-id: ses_1", "--header", "User-Agent: opencode/1.18.33"],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=WITH_KEY)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["role"] == "compaction" and out["client"] == "opencode" and out["session"] == "ses_1"
@@ -116,7 +118,7 @@ def test_explain_huge_request_skips_local_on_size(tmp_path: Path) -> None:
     req = tmp_path / "req.json"
     req.write_text(json.dumps({"model": "auto", "messages": [{"role": "user", "content": "y" * 350_000}]}))
     proc = subprocess.run([*SWITCHYARD, "explain", "--config", str(REPO / "switchyard.yaml"), str(req)],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=WITH_KEY)
     out = json.loads(proc.stdout)
     assert out["route"] == [{"backend": "hosted", "kind": "hosted"}]
     assert out["tokens_method"] == "bytes"
@@ -127,3 +129,13 @@ def test_two_team_example_is_valid() -> None:
     settings = load_settings(REPO / "examples" / "two-teams" / "switchyard.yaml")
     assert settings.gateway.auth == "keys"
     assert sorted(settings.policies) == ["default", "platform", "research"]
+
+
+def test_explain_says_when_the_hosted_key_is_missing(tmp_path: Path) -> None:
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"model": "auto", "messages": [{"role": "user", "content": "y" * 350_000}]}))
+    env = {k: v for k, v in os.environ.items() if k != "OPENCODE_API_KEY"}
+    proc = subprocess.run([*SWITCHYARD, "explain", "--config", str(REPO / "switchyard.yaml"), str(req)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    out = json.loads(proc.stdout)
+    assert out["route"] == [] and "OPENCODE_API_KEY is not set" in out["reason"]
