@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from bench import decision
 from bench.procs import HOST, python
+from gateway.tokens import use_bundled_tiktoken
 
 UPSTREAM_KEY_ENV = "SWITCHYARD_BENCH_UPSTREAM_KEY"
 
@@ -100,7 +100,7 @@ def litellm_config(directory: Path, upstream_port: int) -> Path:
 def bench_env() -> dict[str, str]:
     env = {"SWITCHYARD_LOG_LEVEL": "WARNING", UPSTREAM_KEY_ENV: "sk-bench-upstream",
            "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "PYTHONUNBUFFERED": "1"}
-    cache = decision.ensure_tiktoken_offline()
+    cache = use_bundled_tiktoken()
     if cache:
         env["TIKTOKEN_CACHE_DIR"] = cache
     return env

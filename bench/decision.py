@@ -17,28 +17,13 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.tokens import use_bundled_tiktoken
+
 from .bodies import opencode_turn
 
 HEADERS = {"User-Agent": "opencode/1.18.33 ai-sdk/provider-utils/3.0.9 runtime/bun/1.3.0",
            "x-session-id": "ses_bench0000000000000000000000", "x-session-affinity": "ses_bench0000000000000000000000",
            "Content-Type": "application/json"}
-
-
-def ensure_tiktoken_offline() -> str | None:
-    """tiktoken downloads o200k_base on first use; litellm's wheel bundles it (cache file named by
-    the sha1 of its URL), so point tiktoken there unless the caller chose a cache already."""
-    if os.environ.get("TIKTOKEN_CACHE_DIR"):
-        return os.environ["TIKTOKEN_CACHE_DIR"]
-    import importlib.util
-
-    spec = importlib.util.find_spec("litellm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(next(iter(spec.submodule_search_locations))) / "litellm_core_utils" / "tokenizers"
-    if d.is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(d)
-        return str(d)
-    return None
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -107,7 +92,7 @@ async def _measure(config_path: Path, chars: int, iterations: int, exact_iterati
 
 async def measure(config_path: Path, chars: int = 350_000, iterations: int = 200,
                   exact_iterations: int = 20) -> dict[str, Any]:
-    ensure_tiktoken_offline()
+    use_bundled_tiktoken()
     from bench.configs import UPSTREAM_KEY_ENV
 
     # The in-process decision must see the hosted key that `serve` gets, or hosted is skipped as keyless.

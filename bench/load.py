@@ -15,6 +15,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from bench.http1 import head_fields
+
 _CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -96,19 +98,7 @@ class _Conn(asyncio.Protocol):
             lines = bytes(self.buf[:end]).split(b"\r\n")
             version, status = lines[0].split(b" ", 2)[:2]
             self.status = int(status)
-            self.keep = version == b"HTTP/1.1"
-            clen = None
-            chunked = False
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    clen = int(value)
-                elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                    chunked = True
-                elif name == b"connection":
-                    self.keep = value.strip().lower() != b"close" and (
-                        version == b"HTTP/1.1" or value.strip().lower() == b"keep-alive")
+            clen, chunked, self.keep = head_fields(lines[1:], version)
             rest = bytes(self.buf[end + 4:])
             self.buf = bytearray()
             if chunked:

@@ -26,6 +26,8 @@ import signal
 import socket
 import sys
 
+from bench.http1 import head_fields
+
 STREAM_CHUNKS = 200
 MODEL = "gpt-5-nano"
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
@@ -116,17 +118,8 @@ class Conn(asyncio.Protocol):
                 return
             head = bytes(self.buf[:end]).split(b"\r\n")
             method, path, version = head[0].split(b" ", 2)
-            clen, chunked, close = 0, False, version == b"HTTP/1.0"
-            for line in head[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    clen = int(value)
-                elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                    chunked = True
-                elif name == b"connection":
-                    v = value.strip().lower()
-                    close = v == b"close" or (version == b"HTTP/1.0" and v != b"keep-alive")
+            length, chunked, keep = head_fields(head[1:], version)
+            clen, close = length or 0, not keep
             start = end + 4
             if chunked:
                 body, used = _dechunk(self.buf, start)

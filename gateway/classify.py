@@ -53,7 +53,9 @@ class SignaturePack:
     role_headers: dict[str, dict[str, str]]
     subagent_headers: tuple[str, ...]
     prompts: tuple[Signature, ...]
-    _extended: dict[int, tuple[Signature, ...]] = field(default_factory=dict, compare=False, repr=False)
+    # team -> (the policy object it was built from, its signatures + the pack)
+    _extended: dict[str, tuple[Policy, tuple[Signature, ...]]] = field(default_factory=dict, compare=False,
+                                                                        repr=False)
 
     @classmethod
     def load(cls, text: str | None = None) -> SignaturePack:
@@ -74,11 +76,10 @@ class SignaturePack:
     def prompts_for(self, policy: Policy) -> tuple[Signature, ...]:
         if not policy.signatures:
             return self.prompts
-        key = id(policy)  # policies are frozen; a reloaded policy is a new object
-        found = self._extended.get(key)
-        if found is None:
-            found = self._extended[key] = tuple(policy.signatures) + self.prompts
-        return found
+        cached = self._extended.get(policy.team)
+        if cached is None or cached[0] is not policy:  # a reload makes a new policy object: rebuild
+            cached = self._extended[policy.team] = (policy, tuple(policy.signatures) + self.prompts)
+        return cached[1]
 
 
 def _text(content: Any) -> str:

@@ -58,22 +58,25 @@ def size_of(raw: bytes, body: dict[str, Any]) -> TokenSize:
     return TokenSize(len(raw), len(body.get("messages") or ()), bool(body.get("tools")))
 
 
-def _bundled_tiktoken_cache() -> str | None:
+def use_bundled_tiktoken() -> str | None:
     """tiktoken downloads its encodings on first use; the litellm wheel ships them (cache files
-    named by the sha1 of their URL), so point tiktoken there: no network needed."""
+    named by the sha1 of their URL), so point tiktoken there — no network needed. Returns the
+    cache dir in use (a caller's own TIKTOKEN_CACHE_DIR wins)."""
+    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+        return os.environ["TIKTOKEN_CACHE_DIR"]
     spec = importlib.util.find_spec("litellm")
     if spec is None or not spec.submodule_search_locations:
         return None
     d = Path(next(iter(spec.submodule_search_locations))) / "litellm_core_utils" / "tokenizers"
-    return str(d) if d.is_dir() else None
+    if not d.is_dir():
+        return None
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(d)
+    return str(d)
 
 
 @functools.cache
 def _encoding(name: str) -> Any:
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        bundled = _bundled_tiktoken_cache()
-        if bundled:
-            os.environ["TIKTOKEN_CACHE_DIR"] = bundled
+    use_bundled_tiktoken()
     import tiktoken  # imported lazily: loading an encoding costs ~100 ms
 
     return tiktoken.get_encoding(name)
