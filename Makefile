@@ -1,6 +1,7 @@
 # Switchyard: two commands on a fresh machine.
 #   make run   install into .venv and start the gateway on the shipped default config
 #   make test  install everything the tests need (Python packages, llama-server, model, npm) and run them
+#   make unit  the fast loop: in-process unit tests only (scripted backends, no llama-server), seconds
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= switchyard.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install install-test llama-server node-deps chromium lint bench clean
+.PHONY: run test unit install install-test llama-server node-deps chromium lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ chromium:
 test: install llama-server node-deps chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+unit: install
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 lint: install
 	$(BIN)/ruff check .

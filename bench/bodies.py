@@ -1,6 +1,6 @@
 """Request bodies: the small chat turn of the load runs and realistic opencode turns of any size.
 
-The big one follows what opencode 1.18.33 sends for a build-agent turn (../shared/clients.md): its
+The big one follows what opencode 1.18.33 sends for a build-agent turn (captured against a loopback endpoint): its
 system prompt, 10 tool schemas, `stream` with `include_usage`, and a history of user turns,
 assistant tool calls and tool results (file reads, command output) filling it to the size asked.
 Deterministic: the same size always gives the same bytes.

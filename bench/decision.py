@@ -35,11 +35,11 @@ def _stats(xs: list[float]) -> dict[str, float]:
 async def _measure(config_path: Path, chars: int, iterations: int, exact_iterations: int) -> dict[str, Any]:
     from gateway.config import load_settings
     from gateway.receive import parse_chat
-    from gateway.runtime import Runtime
+    from gateway.router import Router
     from gateway.tokens import count_tiktoken
 
     settings = load_settings(config_path)
-    rt = Runtime.build(settings)
+    rt = Router.build(settings)
     body = opencode_turn(chars)
     raw = json.dumps(body).encode()
     headers = CIMultiDictProxy(CIMultiDict(HEADERS))
@@ -51,9 +51,9 @@ async def _measure(config_path: Path, chars: int, iterations: int, exact_iterati
             t0 = time.perf_counter()
             req = parse_chat(raw, headers)
             t1 = time.perf_counter()
-            profile = rt.classifier.classify(req, policy)
+            profile = rt.classify(req, policy)
             t2 = time.perf_counter()
-            route = await rt.decider.decide(req.body, req.headers, profile, policy)
+            route = await rt.decide(req, profile, policy)
             t3 = time.perf_counter()
             for k, v in (("parse", t1 - t0), ("classify", t2 - t1), ("decide", t3 - t2), ("total", t3 - t0)):
                 steps[k].append(v)
@@ -67,16 +67,15 @@ async def _measure(config_path: Path, chars: int, iterations: int, exact_iterati
         for _ in range(exact_iterations):
             t0 = time.perf_counter()
             req = parse_chat(raw, headers)
-            p = rt.classifier.classify(req, policy)
-            await rt.decider.decide(req.body, req.headers, p, policy)
+            p = rt.classify(req, policy)
+            await rt.decide(req, p, policy)
             t1 = time.perf_counter()
             count_tiktoken(req.body)
             t2 = time.perf_counter()
             exact.append(t2 - t0)
             count_only.append(t2 - t1)
     finally:
-        for b in rt.backends.values():
-            await b.close()
+        await rt.close()
     assert route is not None and profile is not None
     return {
         "request": {"chars": len(raw), "messages": len(body["messages"]), "tools": len(body["tools"]),

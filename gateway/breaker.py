@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -71,10 +73,27 @@ class CircuitBreaker:
             return not self.trial_in_flight
         return False
 
+    @contextmanager
+    def trial(self) -> Iterator[None]:
+        """Around one request to this backend. In HALF_OPEN it is the one trial; a trial that ends
+        without a verdict (client gone, cancelled, a client's own mistake) lets the next one try."""
+        self.begin()
+        try:
+            yield
+        finally:
+            self.release_trial()  # a verdict already cleared it; otherwise the next request may try
+
     def begin(self) -> None:
         """A request is about to be sent; in HALF_OPEN it is the one trial."""
         if self.state is State.HALF_OPEN:
             self.trial_in_flight = True
+
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds until an open circuit is probed again (0 when not open)."""
+        if self.state is not State.OPEN:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, self.cooldown - (now - self.opened_at))
 
     def describe(self) -> str:
         if self.state is State.OPEN:

@@ -1,4 +1,4 @@
-"""`switchyard` command line: serve, explain, check."""
+"""`switchyard` command line: serve, explain, check, key, usage, ceiling."""
 
 from __future__ import annotations
 
@@ -139,12 +139,14 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
                    team_key: str | None = None) -> dict[str, Any]:
     from .errors import GatewayError
     from .receive import parse_chat
-    from .runtime import Runtime
+    from .router import Router
 
-    rt = Runtime.build(settings)
+    rt = Router.build(settings)  # decides only: no ledger, no data dir, no network unless --live
+    probes: dict[str, Any] = {}
     try:
         if live:
-            await rt.refresh_all()
+            probes = dict(zip(rt.backends, await asyncio.gather(*(b.probe() for b in rt.backends.values())),
+                              strict=True))
             gateway_state = await _gateway_state(gateway_url or _listen_url(settings))
             for name, state in gateway_state.items():
                 breaker = rt.breakers.get(name)
@@ -161,14 +163,14 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
             if team not in rt.teams.policies:
                 raise GatewayError(f"no team {team!r} (teams: {', '.join(sorted(rt.teams.policies))})")
             policy = rt.teams.policies[team]
-        profile = rt.classifier.classify(req, policy)
+        profile = rt.classify(req, policy)
         out: dict[str, Any] = {
             "team": profile.team, "role": profile.role, "role_source": profile.role_source,
             "client": profile.client, "session": profile.session, "model": profile.model,
             "bytes": profile.size.nbytes, "tokens_in": profile.tokens_in, "output_reserve": profile.output_reserve,
         }
         try:
-            route = await rt.decider.decide(req.body, req.headers, profile, policy)
+            route = await rt.decide(req, profile, policy)
         except GatewayError as e:
             out.update(route=[], reason=e.message, error={"status": e.status, "code": e.code})
             return out
@@ -176,12 +178,11 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
                    reason=route.reason, rule=route.rule)
         out["team"] = policy.team
         if live:
-            out["backends"] = {n: {"ready": p.ready, "detail": p.detail} for n, p in rt.last_probe.items()}
+            out["backends"] = {n: {"ready": p.ready, "detail": p.detail} for n, p in probes.items()}
             out["circuits"] = {n: b.describe() for n, b in rt.breakers.items()}
         return out
     finally:
-        for b in rt.backends.values():
-            await b.close()
+        await rt.close()
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

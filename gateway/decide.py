@@ -1,36 +1,30 @@
 """Step 3: decide. Profile + the team's policy + live backend state -> an ordered Route.
 
 The policy's first matching rule gives the candidate order; each candidate is then kept only if
-the request fits it (never send the local server a request past its safe ceiling) and its circuit
-lets traffic through. The reason is one line a human can act on.
+the request fits it (each backend judges that itself: never send the local server a request past
+its safe ceiling) and its circuit lets traffic through. The reason is one line a human can act on.
+Nothing here does I/O of its own: the only awaits are the backends' exact counts, asked for only
+when the cheap byte bounds cannot decide.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from . import tokens as tk
-from .backends.base import Backend
+from .backends.base import Backend, Fit, FitQuery
 from .breaker import CircuitBreaker
-from .ceiling import CrashCeilings
 from .classify import RequestProfile
 from .config import Match, Policy, Rule
 from .errors import ContextLengthExceeded, Forbidden, ModelNotFound, NoBackendAvailable
-
-# Hosted providers answer an overflow themselves (and we relay it as context_length_exceeded), so
-# for them a likely bound is enough; for the local server a wrong guess is a segfault: strict bound.
-HOSTED_LIKELY_BYTES_PER_TOKEN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
     backend: str
-    place: str
     max_queue_wait: float
+    free: bool  # costs nothing per token (budgets and `on_limit: local` keep only these)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +35,10 @@ class Route:
     tokens_in: int
     tokens_method: str  # bytes | exact | estimate
     max_tokens: int | None = None  # clamp from the rule
-    notes: tuple[str, ...] = field(default=())
     on_limit: str = "refuse"
 
     def describe(self) -> list[dict[str, str]]:
-        return [{"backend": s.backend, "kind": s.place} for s in self.steps]
+        return [{"backend": s.backend, "cost": "free" if s.free else "billed"} for s in self.steps]
 
 
 def rule_matches(match: Match, profile: RequestProfile, headers: Mapping[str, str]) -> bool:
@@ -77,15 +70,6 @@ def first_rule(policy: Policy, profile: RequestProfile, headers: Mapping[str, st
     raise AssertionError("policy validation guarantees a default rule")  # pragma: no cover
 
 
-@dataclass
-class _Fit:
-    fits: bool
-    tokens: int
-    method: str
-    limit: int | None
-    note: str = ""
-
-
 class SessionPins:
     """session -> pinned backend, with expiry; bounded so a flood of sessions can't grow it forever."""
 
@@ -111,18 +95,16 @@ class SessionPins:
 
 
 class Decider:
-    def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker],
-                 ceilings: CrashCeilings | None = None) -> None:
+    def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker]) -> None:
         self.backends = backends
         self.breakers = breakers
-        self.ceilings = ceilings
         self.pins = SessionPins()
 
     def model_ids(self, policy: Policy) -> list[str]:
         return ["auto", *self.backends, *policy.task_models]
 
-    async def decide(self, body: dict[str, Any], headers: Mapping[str, str], profile: RequestProfile,
-                     policy: Policy) -> Route:
+    def _rule(self, profile: RequestProfile, policy: Policy, headers: Mapping[str, str]) -> tuple[Rule, str, str]:
+        """The rule that applies, its short name and how it was chosen."""
         if (profile.model in self.backends and policy.allowed_backends is not None
                 and profile.model not in policy.allowed_backends):
             raise Forbidden(f"team {policy.team!r} may not use backend {profile.model!r}", code="backend_not_allowed")
@@ -130,67 +112,69 @@ class Decider:
             raise Forbidden(f"team {policy.team!r} may not use model {profile.model!r}; allowed: "
                             + ", ".join(policy.allowed_models))
         if profile.model in self.backends:
-            idx, rule = -1, Rule(name=f"pinned to {profile.model}", route=[profile.model])
-            rule_desc = f"model {profile.model!r} pins the backend"
-        elif profile.model == "auto" or profile.model in policy.task_models:
+            rule = Rule(name=f"pinned to {profile.model}", route=[profile.model])
+            return rule, rule.name or "", f"model {profile.model!r} pins the backend"
+        if profile.model == "auto" or profile.model in policy.task_models:
             idx, rule = first_rule(policy, profile, headers)
-            rule_desc = f"rule {rule.name or idx + 1!s} (role {profile.role})"
-        else:
-            raise ModelNotFound(
-                f"model {profile.model!r} does not exist here; use one of: "
-                + ", ".join(self.model_ids(policy)))
+            name = rule.name or str(idx + 1)
+            return rule, name, f"rule {name} (role {profile.role})"
+        raise ModelNotFound(f"model {profile.model!r} does not exist here; use one of: "
+                            + ", ".join(self.model_ids(policy)))
+
+    async def decide(self, body: dict[str, object], headers: Mapping[str, str], profile: RequestProfile,
+                     policy: Policy) -> Route:
+        rule, rule_name, rule_desc = self._rule(profile, policy, headers)
         allowed = policy.allowed_backends
         reserve = rule.output_reserve if rule.output_reserve is not None else profile.output_reserve
         if rule.max_tokens is not None and profile.max_tokens is not None:
             reserve = min(reserve, rule.max_tokens)
         queue_wait = rule.max_queue_wait if rule.max_queue_wait is not None else policy.max_queue_wait
+        query = FitQuery(body, profile.size, reserve, rule.local_ceiling or policy.local_ceiling)
 
         steps: list[Step] = []
-        notes: list[str] = []
         too_big: list[str] = []
-        outgrown = False  # the request is too big for a local backend it could have used
-        open_circuits: list[str] = []
-        best: _Fit | None = None
-        exact: dict[str, int | None] = {}
+        outgrown = False  # the request is too big for a free backend it could have used
+        closed: list[CircuitBreaker] = []  # the route's own open circuits
+        unavailable: list[str] = []
+        best: Fit | None = None
         for name in rule.route:
             if allowed is not None and name not in allowed:
                 continue
             backend = self.backends[name]
-            fit = await self._fit(backend, body, profile, reserve, rule, policy, exact)
-            if best is None or (fit.fits and not (best.fits)):
+            fit = await backend.fit(query)
+            if best is None or (fit.fits and not best.fits):
                 best = fit
             if not fit.fits:
                 too_big.append(fit.note)
-                outgrown = outgrown or backend.place == "local"
+                outgrown = outgrown or backend.free
                 continue
             breaker = self.breakers.get(name)
             if breaker is not None and not breaker.allows():
-                open_circuits.append(breaker.describe())
+                closed.append(breaker)
+                unavailable.append(breaker.describe())
                 continue
             missing = backend.unusable
             if missing:  # e.g. no API key: sending it would only earn a 401 the client can't fix
-                open_circuits.append(f"{name}: {missing}")
+                unavailable.append(f"{name}: {missing}")
                 continue
-            steps.append(Step(name, backend.place, queue_wait))
+            steps.append(Step(name, queue_wait, backend.free))
         tokens = best.tokens if best else profile.tokens_in
         method = best.method if best else "bytes"
-        notes = too_big + open_circuits
+        notes = too_big + unavailable
         steps = self._stick(profile, policy, steps, outgrown, notes)
         if not steps:
-            if too_big and not open_circuits:
+            if too_big and not unavailable:
                 raise ContextLengthExceeded(
                     f"This request needs {tokens:,} input tokens plus {reserve:,} reserved for the answer, "
                     f"which exceeds every backend it may use: {'; '.join(too_big)}. "
                     "Compact the conversation or shorten the prompt.")
             raise NoBackendAvailable(
                 "no backend can take this request now: " + "; ".join(notes or ["none allowed"]),
-                headers={"Retry-After": str(self._retry_after(open_circuits))})
-        order = " -> ".join(s.backend for s in steps)
-        reason = f"{rule_desc}: {order}"
+                headers={"Retry-After": str(retry_after(closed))})
+        reason = f"{rule_desc}: {' -> '.join(s.backend for s in steps)}"
         if notes:
             reason += " (" + "; ".join(notes) + ")"
-        return Route(tuple(steps), reason, rule.name or str(idx + 1), tokens, method,
-                     rule.max_tokens, tuple(notes), rule.on_limit)
+        return Route(tuple(steps), reason, rule_name, tokens, method, rule.max_tokens, rule.on_limit)
 
     def _stick(self, profile: RequestProfile, policy: Policy, steps: list[Step], outgrown: bool,
                notes: list[str]) -> list[Step]:
@@ -199,65 +183,18 @@ class Decider:
         if not (sticky.enabled and profile.session and steps):
             return steps
         key = (policy.team, profile.session)
-        if outgrown and steps[0].place == "hosted":
+        if outgrown and not steps[0].free:
             self.pins.set(key, steps[0].backend, sticky.ttl)
             return steps
         pinned = self.pins.get(key)
-        if pinned is None or steps[0].place != "local" or pinned not in (s.backend for s in steps):
+        if pinned is None or not steps[0].free or pinned not in (s.backend for s in steps):
             return steps
         self.pins.set(key, pinned, sticky.ttl)
         notes.append(f"session sticky on {pinned} since it outgrew local")
-        return [s for s in steps if s.backend == pinned] + [s for s in steps if s.backend != pinned
-                                                                and s.place != "local"]
+        return [s for s in steps if s.backend == pinned] + [s for s in steps if s.backend != pinned and not s.free]
 
-    def _retry_after(self, open_circuits: list[str]) -> int:
-        waits = [b.cooldown for b in self.breakers.values() if not b.allows()]
-        return max(1, int(min(waits))) if waits else 5
 
-    async def _fit(self, backend: Backend, body: dict[str, Any], profile: RequestProfile, reserve: int,
-                   rule: Rule, policy: Policy, exact: dict[str, int | None]) -> _Fit:
-        size = profile.size
-        name = backend.name
-
-        async def count() -> int | None:
-            if name not in exact:
-                exact[name] = await backend.count_tokens(body)
-            return exact[name]
-
-        if backend.place == "local":
-            limits = [n for n in (backend.context_window, rule.local_ceiling or policy.local_ceiling) if n]
-            limit = min(limits) if limits else None
-            fit = _Fit(True, size.estimate, "estimate" if limit is None else "bytes", limit)
-            if limit is not None:
-                # Strict: a wrong guess here is a segfault, so only bounds or an exact count decide.
-                if size.upper + reserve > limit:
-                    if size.lower + reserve > limit:
-                        fit = _Fit(False, size.estimate, "bytes", limit)
-                    else:
-                        n = await count()
-                        fit = (_Fit(size.estimate + reserve <= limit, size.estimate, "estimate", limit) if n is None
-                               else _Fit(n + reserve <= limit, n, "exact", limit))
-                if not fit.fits:
-                    fit.note = f"{fit.tokens:,}+{reserve:,} tokens > {name} ceiling {limit:,}"
-            learned = self.ceilings.get(name) if self.ceilings else None
-            if fit.fits and learned is not None:
-                bar = int(learned * getattr(backend.config, "learned_ceiling_fraction", 1.0))
-                tokens = fit.tokens
-                if fit.method == "bytes" and size.upper >= bar:
-                    n = await count() if size.lower < bar else None
-                    tokens = n if n is not None else size.estimate
-                    fit.method = "exact" if n is not None else fit.method
-                if tokens >= bar:
-                    fit = _Fit(False, tokens, fit.method, bar,
-                               f"{tokens:,} tokens >= {name} learned crash ceiling {learned:,} (skip from {bar:,})")
-            return fit
-        limit = backend.context_window
-        if limit is None:
-            return _Fit(True, size.estimate, "estimate", None)
-        likely_upper = int(size.nbytes / HOSTED_LIKELY_BYTES_PER_TOKEN)
-        if likely_upper <= limit:
-            return _Fit(True, size.estimate, "bytes", limit)
-        if size.lower > limit:
-            return _Fit(False, size.estimate, "bytes", limit, f"{size.estimate:,} tokens > {name} window {limit:,}")
-        n = await asyncio.to_thread(tk.count_tiktoken, body)  # ~16 ms for 350 KB: off the event loop
-        return _Fit(n <= limit, n, "exact", limit, "" if n <= limit else f"{n:,} tokens > {name} window {limit:,}")
+def retry_after(open_circuits: list[CircuitBreaker], now: float | None = None) -> int:
+    """Seconds until the soonest of these circuits is probed again (what Retry-After should say)."""
+    waits = [b.remaining(now) for b in open_circuits]
+    return max(1, int(min(waits) + 0.999)) if waits else 5

@@ -4,16 +4,19 @@ Everything that can go wrong before the first byte reaches the client is surviva
 request moves to its next backend and the client sees one clean response (with
 `x-switchyard-failover` saying what happened). After the first byte, relay.py ends the stream
 cleanly instead. Each backend is tried at most once per request, so a crashed backend is never
-hit twice by the same request.
+hit twice by the same request. Which failures move on and which count against a backend is the
+taxonomy's word (failures.py); dispatch only acts on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -21,13 +24,12 @@ from aiolimiter import AsyncLimiter
 
 from . import catalog, failures
 from .backends.base import Backend, Upstream
-from .breaker import CircuitBreaker, State
-from .ceiling import CrashCeilings
+from .breaker import CircuitBreaker
 from .classify import RequestProfile
 from .decide import Route, Step
 from .errors import ContextLengthExceeded, GatewayError, NoBackendAvailable, RateLimited, error_payload
 from .receive import ChatRequest
-from .record import Decision
+from .record import CIRCUIT_OPEN, SPILLED, Decision, FailoverEvent
 from .relay import Outcome, relay_json, relay_stream
 from .retry import rate_limit_retrying
 from .slots import SlotQueue
@@ -35,87 +37,101 @@ from .slots import SlotQueue
 _FORWARDED_HEADERS = ("x-session-id",)
 
 
+@dataclass
+class Walk:
+    """One request's way along its route: what it carries, what it tried, what happened."""
+
+    request: web.Request
+    req: ChatRequest
+    profile: RequestProfile
+    route: Route
+    decision: Decision
+    started: float
+    tried: list[failures.UpstreamFailure] = field(default_factory=list)
+
+    @property
+    def forwarded(self) -> dict[str, str]:
+        return {h: self.req.headers[h] for h in _FORWARDED_HEADERS if h in self.req.headers}
+
+    def moved_on(self, event: FailoverEvent) -> None:
+        self.decision.failover.append(event)
+
+    def failed(self, f: failures.UpstreamFailure) -> None:
+        self.tried.append(f)
+        self.moved_on(FailoverEvent(f.backend, str(f.kind), f.message[:120]))
+
+    def headers(self, step: Step) -> dict[str, str]:
+        h = {
+            "x-switchyard-backend": step.backend,
+            "x-switchyard-role": self.decision.role,
+            "x-switchyard-tokens-in": str(self.route.tokens_in),
+            "x-switchyard-route": _header_safe(self.route.reason),
+        }
+        if self.decision.failover:
+            events = "; ".join(map(str, self.decision.failover))
+            h["x-switchyard-failover"] = _header_safe(f"{events} -> {step.backend}")
+        return h
+
+
 class Dispatcher:
     def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker],
-                 queues: Mapping[str, SlotQueue], limiters: Mapping[str, AsyncLimiter],
-                 ceilings: CrashCeilings | None = None) -> None:
-        self.ceilings = ceilings
+                 queues: Mapping[str, SlotQueue], limiters: Mapping[str, AsyncLimiter]) -> None:
         self.backends = backends
         self.breakers = breakers
         self.queues = queues
         self.limiters = limiters
 
-    async def dispatch(self, request: web.Request, req: ChatRequest, profile: RequestProfile, route: Route,
-                       decision: Decision, started: float) -> web.StreamResponse:
-        headers = {h: req.headers[h] for h in _FORWARDED_HEADERS if h in req.headers}
-        tried: list[failures.UpstreamFailure] = []
-        spilled: list[str] = []
-        for i, step in enumerate(route.steps):
-            last = i == len(route.steps) - 1
+    async def dispatch(self, walk: Walk) -> web.StreamResponse:
+        steps = walk.route.steps
+        for i, step in enumerate(steps):
             backend = self.backends[step.backend]
             breaker = self.breakers.get(step.backend)
             if breaker is not None and not breaker.allows():
-                spilled.append(breaker.describe())
+                walk.moved_on(FailoverEvent(step.backend, CIRCUIT_OPEN, breaker.describe()))
                 continue
             queue = self.queues.get(step.backend)
-            wait = backend.config.timeouts.first_byte if last else step.max_queue_wait
-            if queue is None:
-                result = await self._attempt(request, req, route, step, backend, breaker, headers, decision,
-                                             started, tried, spilled)
-            else:
-                async with queue.slot(0 if profile.interactive else 1, wait) as (got, waited):
-                    decision.queue_wait_ms += waited * 1000
-                    if not got:
-                        spilled.append(f"{step.backend} queue wait > {wait:g}s: spilled")
-                        continue
-                    result = await self._attempt(request, req, route, step, backend, breaker, headers, decision,
-                                                 started, tried, spilled)
+            # On the last backend there is nowhere to spill to: wait as long as a first byte may take.
+            wait = backend.config.timeouts.first_byte if i == len(steps) - 1 else step.max_queue_wait
+            slot = queue.slot(0 if walk.profile.interactive else 1, wait) if queue else _no_queue()
+            async with slot as (got, waited):
+                walk.decision.queue_wait_ms += waited * 1000
+                if not got:
+                    walk.moved_on(FailoverEvent(step.backend, SPILLED, f"queue wait > {wait:g}s"))
+                    continue
+                with breaker.trial() if breaker else contextlib.nullcontext():
+                    result = await self._attempt(walk, step, backend, breaker)
             if result is not None:
                 return result
-        raise self._exhausted(tried, spilled)
+        raise self._exhausted(walk)
 
-    async def _attempt(self, request: web.Request, req: ChatRequest, route: Route, step: Step, backend: Backend,
-                       breaker: CircuitBreaker | None, headers: dict[str, str], decision: Decision,
-                       started: float, tried: list[failures.UpstreamFailure],
-                       spilled: list[str]) -> web.StreamResponse | None:
-        body = self._upstream_body(req.body, backend, route)
-        if breaker is not None:
-            breaker.begin()
-        decision.overhead_ms = (time.monotonic() - started) * 1000 - decision.queue_wait_ms
+    async def _attempt(self, walk: Walk, step: Step, backend: Backend,
+                       breaker: CircuitBreaker | None) -> web.StreamResponse | None:
+        req, decision = walk.req, walk.decision
+        body = self._upstream_body(req.body, backend, walk.route)
+        decision.overhead_ms = (time.monotonic() - walk.started) * 1000 - decision.queue_wait_ms
         try:
             # Unchanged body: send the client's bytes as they came (no re-encoding of a 300 KB prompt).
-            raw = req.raw if body is req.body else None
-            upstream = await self._open(backend, body, headers, req.stream, decision, raw)
+            upstream = await self._open(backend, body, walk, req.raw if body is req.body else None)
         except failures.UpstreamFailure as f:
-            self._judge(breaker, f)
-            self._learn(backend, f, route)
+            self._judge(breaker, backend, f, walk.route)
             if f.kind is failures.Kind.CLIENT_ERROR:
-                return _pass_through(f, self._headers(decision, step, route, tried, spilled))
-            tried.append(f)
+                return _pass_through(f, walk.headers(step))
+            walk.failed(f)
             return None
-        except BaseException:
-            if breaker is not None and breaker.state is State.HALF_OPEN:
-                breaker.release_trial()
-            raise
         decision.backend = step.backend
-        out_headers = self._headers(decision, step, route, tried, spilled)
-        try:
-            if req.stream:
-                resp, outcome = await relay_stream(request, upstream, out_headers, started,
-                                                   include_usage=req.include_usage, prompt_tokens=route.tokens_in,
-                                                   backend=step.backend)
-            else:
-                resp, outcome = await relay_json(request, upstream, out_headers, started)
-        except BaseException:
-            if breaker is not None and breaker.state is State.HALF_OPEN:
-                breaker.release_trial()
-            raise
-        self._settle(breaker, outcome, decision, backend, route)
+        out_headers = walk.headers(step)
+        if req.stream:
+            resp, outcome = await relay_stream(walk.request, upstream, out_headers, walk.started,
+                                               include_usage=req.include_usage, prompt_tokens=walk.route.tokens_in,
+                                               backend=step.backend)
+        else:
+            resp, outcome = await relay_json(walk.request, upstream, out_headers, walk.started)
+        self._settle(breaker, outcome, decision, backend, walk.route)
         return resp
 
-    async def _open(self, backend: Backend, body: dict[str, Any], headers: dict[str, str], stream: bool,
-                    decision: Decision, raw: bytes | None) -> Upstream:
+    async def _open(self, backend: Backend, body: dict[str, Any], walk: Walk, raw: bytes | None) -> Upstream:
         limiter = self.limiters.get(backend.name)
+        headers, stream = walk.forwarded, walk.req.stream
         if limiter is not None:
             await self._pace(backend, limiter)
         try:
@@ -130,7 +146,7 @@ class Dispatcher:
                 if pending is not None:  # replay the 429 we already have as tenacity's first attempt
                     failure, pending = pending, None
                     raise failure
-                decision.retries = attempt.retry_state.attempt_number - 1
+                walk.decision.retries = attempt.retry_state.attempt_number - 1
                 if limiter is not None:
                     await self._pace(backend, limiter)
                 return await backend.open(body, headers, stream, raw)
@@ -165,20 +181,11 @@ class Dispatcher:
         return out
 
     @staticmethod
-    def _judge(breaker: CircuitBreaker | None, f: failures.UpstreamFailure) -> None:
-        if breaker is None:
-            return
-        if f.counts_against_backend:
+    def _judge(breaker: CircuitBreaker | None, backend: Backend, f: failures.UpstreamFailure, route: Route) -> None:
+        """A failure the taxonomy calls the backend's moves its breaker and may teach it a ceiling."""
+        backend.learn(f, route.tokens_in)
+        if breaker is not None and f.counts_against_backend:
             breaker.record_failure(f"{f.kind}: {f.message[:80]}")
-        elif breaker.state is State.HALF_OPEN:
-            breaker.release_trial()
-
-    def _learn(self, backend: Backend, f: failures.UpstreamFailure, route: Route) -> None:
-        """A local crash on a large request teaches a size ceiling (see ceiling.py)."""
-        cfg = backend.config
-        if (self.ceilings is not None and f.kind is failures.Kind.CRASH and backend.place == "local"
-                and route.tokens_in >= getattr(cfg, "learn_min_tokens", 0)):
-            self.ceilings.learn(backend.name, route.tokens_in)
 
     def _settle(self, breaker: CircuitBreaker | None, outcome: Outcome, decision: Decision, backend: Backend,
                 route: Route) -> None:
@@ -186,42 +193,26 @@ class Dispatcher:
         usage = outcome.usage or {}
         decision.tokens_out = int(usage.get("completion_tokens") or 0)
         decision.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        if backend.place == "hosted" and backend.config.model:
+        if not backend.free and backend.config.model:
             decision.cost = catalog.cost(backend.config.model, decision.prompt_tokens or decision.tokens_in,
                                          decision.tokens_out)
+        decision.status = 200
         if outcome.client_gone:
-            decision.outcome = "client_gone"
-            if breaker is not None and breaker.state is State.HALF_OPEN:
-                breaker.release_trial()
+            decision.outcome = "client_gone"  # no verdict: the trial (if any) is released by the caller
         elif outcome.failure is not None:
             decision.outcome = "broken_stream"
             decision.error_code = str(outcome.failure.kind)
-            self._judge(breaker, outcome.failure)
-            self._learn(backend, outcome.failure, route)
+            self._judge(breaker, backend, outcome.failure, route)
         else:
             decision.outcome = "ok"
             if breaker is not None:
                 breaker.record_success()
-        decision.status = 200
 
     @staticmethod
-    def _headers(decision: Decision, step: Step, route: Route, tried: list[failures.UpstreamFailure],
-                 spilled: list[str]) -> dict[str, str]:
-        h = {
-            "x-switchyard-backend": step.backend,
-            "x-switchyard-role": decision.role,
-            "x-switchyard-tokens-in": str(route.tokens_in),
-            "x-switchyard-route": _header_safe(route.reason),
-        }
-        events = [f"{f.backend} {f.kind}" for f in tried] + spilled
-        if events:
-            decision.failover = events
-            h["x-switchyard-failover"] = _header_safe("; ".join(events) + f" -> {step.backend}")
-        return h
-
-    @staticmethod
-    def _exhausted(tried: list[failures.UpstreamFailure], spilled: list[str]) -> GatewayError:
-        what = "; ".join([f"{f.backend}: {f.kind} ({f.message[:120]})" for f in tried] + spilled)
+    def _exhausted(walk: Walk) -> GatewayError:
+        tried = walk.tried
+        what = "; ".join([f"{f.backend}: {f.kind} ({f.message[:120]})" for f in tried]
+                         + [str(e) for e in walk.decision.failover if e.kind in (SPILLED, CIRCUIT_OPEN)])
         if tried and all(f.kind is failures.Kind.CONTEXT_OVERFLOW for f in tried):
             return ContextLengthExceeded(f"every backend reported the request too long for its context: {what}")
         limited = [f for f in tried if f.kind is failures.Kind.RATE_LIMITED]
@@ -231,6 +222,11 @@ class Dispatcher:
                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return NoBackendAvailable(f"no backend could serve this request now: {what or 'none available'}",
                                   headers={"Retry-After": "5"})
+
+
+@contextlib.asynccontextmanager
+async def _no_queue() -> Any:
+    yield True, 0.0
 
 
 def _header_safe(value: str) -> str:

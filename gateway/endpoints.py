@@ -1,5 +1,5 @@
 """HTTP endpoints. The chat handler reads top to bottom as the request's path:
-receive -> classify -> decide -> dispatch (-> relay) -> record."""
+receive -> classify -> decide -> admit -> dispatch (-> relay) -> record."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .dispatch import Walk
 from .errors import GatewayError
 from .receive import receive
 from .record import Decision
@@ -28,16 +29,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         policy = rt.teams.authenticate(request.headers)
         decision.team = policy.team
         req = await receive(request, rt.settings.gateway.body_limit_bytes)
-        profile = rt.classifier.classify(req, policy)
+        profile = rt.router.classify(req, policy)
         decision.role, decision.role_source = profile.role, profile.role_source
         decision.client, decision.session = profile.client, profile.session
         decision.model, decision.stream = req.model, req.stream
         decision.output_reserve = profile.output_reserve
-        route = await rt.decider.decide(req.body, req.headers, profile, policy)
+        route = await rt.router.decide(req, profile, policy)
         async with rt.admission.admit(policy, profile, route) as route:
             decision.tokens_in, decision.tokens_method = route.tokens_in, route.tokens_method
             decision.route, decision.reason = [s.backend for s in route.steps], route.reason
-            return await rt.dispatcher.dispatch(request, req, profile, route, decision, started)
+            return await rt.dispatcher.dispatch(Walk(request, req, profile, route, decision, started))
     except GatewayError as e:
         decision.outcome, decision.status, decision.error_code = "error", e.status, e.code
         decision.reason = decision.reason or e.message[:200]

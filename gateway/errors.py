@@ -57,7 +57,8 @@ class InvalidRequest(GatewayError):
 
 
 class ContextLengthExceeded(GatewayError):
-    # 400 + this code is what makes opencode compact and retry instead of failing (clients.md).
+    # 400 + this code is what makes opencode compact and retry instead of failing
+    # (opencode 1.18.33: 413, or 400 with this code, triggers its compaction; a 5xx does not).
     status = 400
     type = "invalid_request_error"
     code = "context_length_exceeded"
@@ -103,9 +104,3 @@ class NoBackendAvailable(GatewayError):
     status = 503
     type = "server_error"
     code = "no_backend_available"
-
-
-class UpstreamFailed(GatewayError):
-    status = 502
-    type = "server_error"
-    code = "upstream_error"

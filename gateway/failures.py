@@ -67,7 +67,8 @@ class UpstreamFailure(Exception):
 
 
 def parse_retry_after(headers: Any) -> float | None:
-    """`retry-after-ms` first, then `retry-after` as seconds or an HTTP date (clients.md)."""
+    """`retry-after-ms` first, then `retry-after` as seconds or an HTTP date — the order opencode itself
+    honours them in (1.18.33)."""
     if headers is None:
         return None
     ms = headers.get("retry-after-ms")

@@ -38,7 +38,7 @@ FLUSH_EVERY = 0.5
 def _row(d: Decision) -> tuple[Any, ...]:
     return (d.id, d.at, d.team, d.role, d.client, d.session, d.model, d.backend, d.outcome, d.status,
             d.error_code, d.prompt_tokens or d.tokens_in, d.tokens_out, d.cost, d.queue_wait_ms, d.total_ms,
-            d.first_byte_ms, "; ".join(d.failover), d.retries, d.reason)
+            d.first_byte_ms, "; ".join(map(str, d.failover)), d.retries, d.reason)
 
 
 def connect(path: Path) -> sqlite3.Connection:

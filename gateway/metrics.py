@@ -67,8 +67,7 @@ class Metrics:
             if d.cost:
                 self.cost.labels(d.team, backend).inc(d.cost)
         for event in d.failover:
-            kind = "spillover" if "spilled" in event else "circuit_open" if "circuit" in event else "failover"
-            self.failovers.labels(d.team, kind).inc()
+            self.failovers.labels(d.team, event.metric_kind).inc()
 
     def render(self, runtime: Any) -> bytes:
         for name, q in runtime.queues.items():

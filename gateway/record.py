@@ -18,6 +18,31 @@ from typing import Any
 log = logging.getLogger("switchyard.decision")
 
 
+SPILLED = "spilled"  # waited its limit for a slot, moved on
+CIRCUIT_OPEN = "circuit_open"  # the backend's circuit opened while the request was on its way
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverEvent:
+    """Why a request moved past a backend: a failure kind (failures.Kind), SPILLED or CIRCUIT_OPEN.
+    Rendered once, here, for the response header, the decision log, the ledger and metrics."""
+
+    backend: str
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == SPILLED:
+            return f"{self.backend} {self.detail}: spilled"
+        if self.kind == CIRCUIT_OPEN:
+            return self.detail or f"{self.backend} circuit open"
+        return f"{self.backend} {self.kind}"
+
+    @property
+    def metric_kind(self) -> str:
+        return {SPILLED: "spillover", CIRCUIT_OPEN: "circuit_open"}.get(self.kind, "failover")
+
+
 @dataclass(slots=True)
 class Decision:
     id: str
@@ -39,7 +64,7 @@ class Decision:
     outcome: str = ""  # ok | error | client_gone | broken_stream
     status: int = 0
     error_code: str | None = None
-    failover: list[str] = field(default_factory=list)
+    failover: list[FailoverEvent] = field(default_factory=list)
     retries: int = 0
     queue_wait_ms: float = 0.0
     overhead_ms: float = 0.0
@@ -49,7 +74,9 @@ class Decision:
     at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["failover"] = [str(e) for e in self.failover]
+        return out
 
 
 Sink = Callable[[Decision], None]

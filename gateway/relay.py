@@ -27,12 +27,12 @@ _ERROR = b'{"error"'  # an SSE error event; inside a JSON string the quotes woul
 
 @dataclass(slots=True)
 class Outcome:
-    ok: bool = False
+    """How a relayed answer ended: ok unless `failure` is set or the client went away."""
+
     usage: dict[str, Any] | None = None
     failure: failures.UpstreamFailure | None = None
     client_gone: bool = False
     first_byte_s: float = 0.0
-    chunks: int = 0
 
 
 def _usage_from_json(body: bytes) -> dict[str, Any] | None:
@@ -56,7 +56,7 @@ def _usage_from_sse(chunk: bytes) -> dict[str, Any] | None:
 
 async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str, str],
                      started: float) -> tuple[web.StreamResponse, Outcome]:
-    outcome = Outcome(ok=True, first_byte_s=time.monotonic() - started)
+    outcome = Outcome(first_byte_s=time.monotonic() - started)
     outcome.usage = upstream.usage or _usage_from_json(upstream.first)
     await upstream.close()
     resp = web.Response(status=upstream.status, body=upstream.first, content_type="application/json",
@@ -76,7 +76,6 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
     async def forward(chunk: bytes) -> None:
         # Three substring scans per chunk (C speed); anything more is done once, at the end.
         nonlocal saw_done, saw_error, usage_chunk, deltas
-        outcome.chunks += 1
         if usage_chunk is None and (_USAGE in chunk or _USAGE_SPACED in chunk):
             usage_chunk = chunk
         if _ERROR in chunk:
@@ -120,7 +119,6 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
         except (ConnectionResetError, ConnectionError):
             outcome.client_gone = True
             return resp, outcome
-    outcome.ok = saw_done and not saw_error
     if outcome.usage is None:
         outcome.usage = upstream.usage or (_usage_from_sse(usage_chunk) if usage_chunk else None)
     try:

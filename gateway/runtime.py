@@ -1,7 +1,7 @@
-"""The running gateway's parts, built from validated settings: backends, breakers, queues, steps.
+"""What serves: the router (router.py) plus queues, limiters, the ledger, admission and probes.
 
-Built once at start and rebuilt only when config changes; request handling reads it and never
-constructs anything per request.
+Built only by `serve` (and the tests' gateways), once at start; request handling reads it and never
+constructs anything per request. `explain` and the benchmark build only the router.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,18 +18,16 @@ from aiolimiter import AsyncLimiter
 from .activity import Activity
 from .admit import Admission, month_start
 from .backends.base import Backend, ProbeResult
-from .backends.hosted import HostedBackend, load_litellm
-from .backends.llamacpp import LlamaCppBackend
 from .breaker import CircuitBreaker
-from .ceiling import CrashCeilings, state_path
+from .ceiling import CrashCeilings
 from .classify import Classifier
-from .config import LiteLLMBackend, Policy, Settings, policies_dir_of
-from .config import LlamaCppBackend as LlamaCppConfig
+from .config import Policy, Settings
 from .decide import Decider
 from .dispatch import Dispatcher
 from .ledger import Ledger, ledger_path
 from .metrics import Metrics
 from .record import Recorder
+from .router import Router
 from .slots import SlotQueue
 from .teams import Teams
 
@@ -38,27 +37,16 @@ PROBE_INTERVAL = 1.0  # seconds between breaker probes / live-state refreshes
 REFRESH_EVERY = 15  # probe intervals between live n_ctx refreshes of healthy backends
 
 
-def build_backend(name: str, cfg: Any) -> Backend:
-    if isinstance(cfg, LlamaCppConfig):
-        return LlamaCppBackend(name, cfg)
-    if isinstance(cfg, LiteLLMBackend):
-        return HostedBackend(name, cfg)
-    raise TypeError(f"unknown backend config {type(cfg).__name__}")  # pragma: no cover
-
-
 @dataclass
 class Runtime:
+    """What serves: the router plus queues, limiters, the ledger, admission, probes and reload."""
+
     settings: Settings
-    backends: dict[str, Backend]
-    breakers: dict[str, CircuitBreaker]
+    router: Router
     queues: dict[str, SlotQueue]
     limiters: dict[str, AsyncLimiter]
-    classifier: Classifier
-    decider: Decider
     dispatcher: Dispatcher
     recorder: Recorder
-    ceilings: CrashCeilings
-    teams: Teams
     ledger: Ledger
     admission: Admission
     metrics: Metrics = field(default_factory=Metrics)
@@ -67,25 +55,46 @@ class Runtime:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, settings: Settings) -> Runtime:
-        backends = {n: build_backend(n, c) for n, c in settings.gateway.backends.items()}
-        breakers = {n: CircuitBreaker(n, c.breaker) for n, c in settings.gateway.backends.items() if c.breaker}
-        queues = {n: SlotQueue(c.max_concurrency) for n, c in settings.gateway.backends.items()
-                  if c.max_concurrency}
-        limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
-                    for n, c in settings.gateway.backends.items() if c.rate_limit_per_minute}
+    def build(cls, settings: Settings, backends: Mapping[str, Backend] | None = None) -> Runtime:
+        router = Router.build(settings, backends)
         gw = settings.gateway
-        ceilings = CrashCeilings(state_path(gw.data_dir))
-        teams = Teams(gw, policies_dir_of(settings.path, gw), dict(settings.policies), dict(settings.policy_files))
+        queues = {n: SlotQueue(c.max_concurrency) for n, c in gw.backends.items()
+                  if c.max_concurrency and n in router.backends}
+        limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
+                    for n, c in gw.backends.items() if c.rate_limit_per_minute and n in router.backends}
         ledger = Ledger(ledger_path(gw.data_dir, gw.ledger_path))
         admission = Admission(ledger.spent_this_month(month_start()))
-        return cls(settings, backends, breakers, queues, limiters, Classifier(),
-                   Decider(backends, breakers, ceilings), Dispatcher(backends, breakers, queues, limiters, ceilings),
-                   Recorder(), ceilings, teams, ledger, admission)
+        dispatcher = Dispatcher(router.backends, router.breakers, queues, limiters)
+        return cls(settings, router, queues, limiters, dispatcher, Recorder(), ledger, admission)
 
     def __post_init__(self) -> None:
         self.recorder.sinks += [self.metrics.observe, self.activity.observe, self.ledger.observe,
                                 self.admission.observe]
+
+    # The router's parts, by the names the endpoints, the CLI and the tests use.
+    @property
+    def backends(self) -> dict[str, Backend]:
+        return self.router.backends
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        return self.router.breakers
+
+    @property
+    def teams(self) -> Teams:
+        return self.router.teams
+
+    @property
+    def ceilings(self) -> CrashCeilings:
+        return self.router.ceilings
+
+    @property
+    def classifier(self) -> Classifier:
+        return self.router.classifier
+
+    @property
+    def decider(self) -> Decider:
+        return self.router.decider
 
     def backend_states(self) -> dict[str, dict[str, Any]]:
         """Each backend as /readyz, /status.json and `explain --live` report it."""
@@ -110,16 +119,15 @@ class Runtime:
 
     @property
     def policy(self) -> Policy:
-        return self.teams.default
+        return self.router.policy
 
     async def start(self) -> None:
         await self.refresh_all()
         self.ledger.start()
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="switchyard-prober"))
         self._tasks.append(asyncio.create_task(self._reload_loop(), name="switchyard-reload"))
-        if any(b.place == "hosted" for b in self.backends.values()):
-            # Importing litellm takes seconds: do it now, off the loop, not on the first request.
-            self._tasks.append(asyncio.create_task(asyncio.to_thread(load_litellm), name="warm-litellm"))
+        for name, b in self.backends.items():  # slow imports (litellm) in threads, off the event loop
+            self._tasks.append(asyncio.create_task(b.start(), name=f"start-{name}"))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -128,8 +136,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.ledger.stop()
-        for b in self.backends.values():
-            await b.close()
+        await self.router.close()
 
     async def refresh_all(self) -> None:
         results = await asyncio.gather(*(b.probe() for b in self.backends.values()))

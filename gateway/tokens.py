@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 # Bytes per token, calibrated on opencode/Open WebUI traffic (English + code + JSON schemas):
 # typical 3.3-4.2; the estimate uses a value on the safe (high-token) side.
@@ -28,9 +28,6 @@ LOWER_BYTES_PER_TOKEN = 8.0
 # Chat-template tokens per message, and the tool-calling preamble some templates add.
 TEMPLATE_TOKENS_PER_MESSAGE = 8
 TOOLS_PREAMBLE_TOKENS = 512
-
-Method = Literal["bytes", "exact", "estimate"]
-
 
 @dataclass(frozen=True, slots=True)
 class TokenSize:

