@@ -1,14 +1,16 @@
 """A circuit breaker per backend: an explicit state machine with named states and moves.
 
-    CLOSED --crash-class failures reach the threshold--> OPEN
-    OPEN --cool-down over and the background probe says ready--> HALF_OPEN
-    OPEN --probe says not ready--> OPEN (cool-down grows)
+    CLOSED --crash-class failures reach the threshold (slowness: its own, higher one)--> OPEN
+    OPEN --the probe says ready, and the server was seen down since (it restarted) or the
+         cool-down is over--> HALF_OPEN
+    OPEN --probe says not ready--> OPEN (no growth: a server that is loading is not failing)
     HALF_OPEN --the one trial request succeeds--> CLOSED
     HALF_OPEN --the trial fails--> OPEN (cool-down grows)
 
 Only failures that say the backend is unhealthy arrive here (failures.Kind decides); a 429, a
-client mistake or a context overflow never opens a circuit. Time is passed in so tests can drive
-every transition without sleeping.
+client mistake or a context overflow never opens a circuit. The trial is an interactive request or
+a tiny request of the prober's own, never a preemptible background task (it could be cancelled
+and prove nothing). Time is passed in so tests can drive every transition without sleeping.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ class State(StrEnum):
 _ALLOWED = {
     (State.CLOSED, State.OPEN),
     (State.OPEN, State.HALF_OPEN),
-    (State.OPEN, State.OPEN),
     (State.HALF_OPEN, State.CLOSED),
     (State.HALF_OPEN, State.OPEN),
 }
@@ -56,7 +57,9 @@ class CircuitBreaker:
         self.opened_wall = 0.0
         self.last_reason = ""
         self.trial_in_flight = False
+        self.seen_down = False  # a probe found the server down/loading since the circuit opened
         self._failures: deque[float] = deque()
+        self._slow: deque[float] = deque()
         self.history: deque[Transition] = deque(maxlen=50)
 
     def _move(self, new: State, why: str) -> None:
@@ -66,11 +69,12 @@ class CircuitBreaker:
         self.state = new
 
     # -- what routing asks ---------------------------------------------------------------------
-    def allows(self) -> bool:
+    def allows(self, trial_ok: bool = True) -> bool:
+        """May a request go to this backend now? `trial_ok`: it could serve as the half-open trial."""
         if self.state is State.CLOSED:
             return True
         if self.state is State.HALF_OPEN:
-            return not self.trial_in_flight
+            return trial_ok and not self.trial_in_flight
         return False
 
     @contextmanager
@@ -100,18 +104,22 @@ class CircuitBreaker:
             since = time.strftime("%H:%M:%S", time.localtime(self.opened_wall))
             return f"{self.name} circuit open since {since} ({self.last_reason})"
         if self.state is State.HALF_OPEN:
-            return f"{self.name} circuit half-open (trial in flight)"
+            waiting = "trial in flight" if self.trial_in_flight else "waiting for an interactive trial request"
+            return f"{self.name} circuit half-open ({waiting})"
         return f"{self.name} circuit closed"
 
     # -- what dispatch reports -----------------------------------------------------------------
     def record_success(self) -> None:
         self._failures.clear()
+        self._slow.clear()
         if self.state is State.HALF_OPEN:
             self.trial_in_flight = False
             self.cooldown = self.config.cooldown
             self._move(State.CLOSED, "trial request succeeded")
 
-    def record_failure(self, reason: str, now: float | None = None) -> None:
+    def record_failure(self, reason: str, now: float | None = None, slow: bool = False) -> None:
+        """`slow`: the backend answered too slowly (a timeout), which opens the circuit only when it
+        repeats (`slow_threshold`); a crash opens it at `failure_threshold`."""
         now = time.monotonic() if now is None else now
         if self.state is State.HALF_OPEN:
             self.trial_in_flight = False
@@ -119,10 +127,12 @@ class CircuitBreaker:
             return
         if self.state is State.OPEN:
             return
-        self._failures.append(now)
-        while self._failures and now - self._failures[0] > self.config.window:
-            self._failures.popleft()
-        if len(self._failures) >= self.config.failure_threshold:
+        seen, threshold = (self._slow, self.config.slow_threshold) if slow else (
+            self._failures, self.config.failure_threshold)
+        seen.append(now)
+        while seen and now - seen[0] > self.config.window:
+            seen.popleft()
+        if len(seen) >= threshold:
             self._open(now, reason, grow=False)
 
     def release_trial(self) -> None:
@@ -143,17 +153,20 @@ class CircuitBreaker:
         now = time.monotonic() if now is None else now
         if self.state is not State.OPEN:
             return
-        if ready:
+        if not ready:
+            self.seen_down = True  # down or loading: waiting is all there is to do, and no reason to wait longer
+            return
+        if self.seen_down or self.probe_due(now):
             self._move(State.HALF_OPEN, f"probe: {detail}")
-        else:
-            self._open(now, f"probe: {detail}", grow=True)
 
     def _open(self, now: float, reason: str, grow: bool) -> None:
         if grow:
             self.cooldown = min(self.cooldown * 2, self.config.max_cooldown)
         self.opened_at = now
+        self.seen_down = False
         if self.state is not State.OPEN:  # "open since" is when it first opened, not the last failed probe
             self.opened_wall = time.time()
             self.last_reason = reason
         self._failures.clear()
+        self._slow.clear()
         self._move(State.OPEN, reason)

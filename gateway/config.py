@@ -25,6 +25,9 @@ Role = Literal[
     "autocomplete", "emoji", "image_prompt", "function_calling", "moa", "memory",
 ]
 INTERACTIVE_ROLES = frozenset({"main", "subagent"})
+# Background work whose client waits for no one: it may be pre-empted on a busy local slot by default.
+# Compaction is not among them: opencode's session waits for it.
+PREEMPTIBLE_ROLES = frozenset(ROLES) - INTERACTIVE_ROLES - {"compaction"}
 
 
 class Strict(BaseModel):
@@ -48,6 +51,8 @@ class Backoff(Strict):
 
 class Breaker(Strict):
     failure_threshold: int = Field(1, ge=1, description="crash-class failures within window that open it")
+    slow_threshold: int = Field(3, ge=1, description="timeouts within window that open it (slowness alone is "
+                                "not a crash: it opens the circuit only when it repeats)")
     window: float = Field(60.0, gt=0)
     cooldown: float = Field(5.0, gt=0, description="first open period; doubles on each failed probe")
     max_cooldown: float = Field(120.0, gt=0)
@@ -61,6 +66,8 @@ class BackendBase(Strict):
     backoff: Backoff = Backoff()
     breaker: Breaker | None = None
     rate_limit_per_minute: float | None = Field(None, gt=0)
+    lookahead: float = Field(0.0, ge=0, le=5, description="seconds a background task waits before taking an "
+                             "idle slot, so an interactive turn sent just after it goes first")
 
 
 class LlamaCppBackend(BackendBase):
@@ -72,6 +79,8 @@ class LlamaCppBackend(BackendBase):
         True, description="when nothing answers at url, `switchyard serve` starts the bundled llama-server"
     )
     breaker: Breaker | None = Breaker(failure_threshold=1)
+    lookahead: float = Field(0.15, ge=0, le=5, description="seconds a background task waits before taking an "
+                             "idle slot (both Open WebUI and opencode send a new chat's title just before its turn)")
     keep_alive: bool = Field(
         False, description="reuse upstream connections (a proxy in front of llama.cpp); llama-server itself "
         "answers `Connection: close`, so the default opens a fresh connection per request")
@@ -172,6 +181,9 @@ class Rule(Strict):
     max_tokens: int | None = Field(None, gt=0, description="clamp the request's max_tokens")
     on_limit: Literal["refuse", "local"] = Field(
         "refuse", description="over a team limit or budget: answer 429, or serve from local backends only")
+    preemptible: bool | None = Field(
+        None, description="on a busy slot, give way to an interactive turn (its answer is held until complete, "
+        "then sent); default: true for background roles, false for main, subagent and compaction")
 
 
 class Signature(Strict):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .backends.base import Backend, Fit, FitQuery
 from .breaker import CircuitBreaker
 from .classify import RequestProfile
-from .config import Match, Policy, Rule
+from .config import PREEMPTIBLE_ROLES, Match, Policy, Rule
 from .errors import ContextLengthExceeded, Forbidden, ModelNotFound, NoBackendAvailable
 
 
@@ -36,6 +36,7 @@ class Route:
     tokens_method: str  # bytes | exact | estimate
     max_tokens: int | None = None  # clamp from the rule
     on_limit: str = "refuse"
+    preemptible: bool = False  # gives way to interactive turns on a busy slot (answer held until complete)
 
     def describe(self) -> list[dict[str, str]]:
         return [{"backend": s.backend, "cost": "free" if s.free else "billed"} for s in self.steps]
@@ -99,6 +100,9 @@ class Decider:
         self.backends = backends
         self.breakers = breakers
         self.pins = SessionPins()
+        # `explain --live`: why each backend is unusable as the *running gateway* sees it (None: usable),
+        # instead of judging from this process's own environment.
+        self.live_unusable: dict[str, str | None] = {}
 
     def model_ids(self, policy: Policy) -> list[str]:
         return ["auto", *self.backends, *policy.task_models]
@@ -126,9 +130,10 @@ class Decider:
         rule, rule_name, rule_desc = self._rule(profile, policy, headers)
         allowed = policy.allowed_backends
         reserve = rule.output_reserve if rule.output_reserve is not None else profile.output_reserve
-        if rule.max_tokens is not None and profile.max_tokens is not None:
+        if rule.max_tokens is not None:  # the clamp applies whether or not the client sent max_tokens
             reserve = min(reserve, rule.max_tokens)
         queue_wait = rule.max_queue_wait if rule.max_queue_wait is not None else policy.max_queue_wait
+        preemptible = rule.preemptible if rule.preemptible is not None else profile.role in PREEMPTIBLE_ROLES
         query = FitQuery(body, profile.size, reserve, rule.local_ceiling or policy.local_ceiling)
 
         steps: list[Step] = []
@@ -141,21 +146,22 @@ class Decider:
             if allowed is not None and name not in allowed:
                 continue
             backend = self.backends[name]
+            # Health first: a backend that is down says so, rather than a size guess made without it.
+            breaker = self.breakers.get(name)
+            if breaker is not None and not breaker.allows(trial_ok=not preemptible):
+                closed.append(breaker)
+                unavailable.append(breaker.describe())
+                continue
+            missing = self.live_unusable[name] if name in self.live_unusable else backend.unusable
+            if missing:  # e.g. no API key: sending it would only earn a 401 the client can't fix
+                unavailable.append(f"{name}: {missing}")
+                continue
             fit = await backend.fit(query)
             if best is None or (fit.fits and not best.fits):
                 best = fit
             if not fit.fits:
                 too_big.append(fit.note)
                 outgrown = outgrown or backend.free
-                continue
-            breaker = self.breakers.get(name)
-            if breaker is not None and not breaker.allows():
-                closed.append(breaker)
-                unavailable.append(breaker.describe())
-                continue
-            missing = backend.unusable
-            if missing:  # e.g. no API key: sending it would only earn a 401 the client can't fix
-                unavailable.append(f"{name}: {missing}")
                 continue
             steps.append(Step(name, queue_wait, backend.free))
         tokens = best.tokens if best else profile.tokens_in
@@ -174,7 +180,7 @@ class Decider:
         reason = f"{rule_desc}: {' -> '.join(s.backend for s in steps)}"
         if notes:
             reason += " (" + "; ".join(notes) + ")"
-        return Route(tuple(steps), reason, rule_name, tokens, method, rule.max_tokens, rule.on_limit)
+        return Route(tuple(steps), reason, rule_name, tokens, method, rule.max_tokens, rule.on_limit, preemptible)
 
     def _stick(self, profile: RequestProfile, policy: Policy, steps: list[Step], outgrown: bool,
                notes: list[str]) -> list[Step]:

@@ -29,10 +29,10 @@ from .classify import RequestProfile
 from .decide import Route, Step
 from .errors import ContextLengthExceeded, GatewayError, NoBackendAvailable, RateLimited, error_payload
 from .receive import ChatRequest
-from .record import CIRCUIT_OPEN, SPILLED, Decision, FailoverEvent
+from .record import CIRCUIT_OPEN, PREEMPTED, SPILLED, Decision, FailoverEvent
 from .relay import Outcome, relay_json, relay_stream
 from .retry import rate_limit_retrying
-from .slots import SlotQueue
+from .slots import BACKGROUND, INTERACTIVE, Lease, SlotQueue
 
 _FORWARDED_HEADERS = ("x-session-id",)
 
@@ -83,35 +83,54 @@ class Dispatcher:
 
     async def dispatch(self, walk: Walk) -> web.StreamResponse:
         steps = walk.route.steps
-        for i, step in enumerate(steps):
+        trial_ok = not walk.route.preemptible  # a task that may be cancelled proves nothing as a trial
+        i = 0
+        while i < len(steps):
+            step = steps[i]
+            last = i == len(steps) - 1
             backend = self.backends[step.backend]
             breaker = self.breakers.get(step.backend)
-            if breaker is not None and not breaker.allows():
-                walk.moved_on(FailoverEvent(step.backend, CIRCUIT_OPEN, breaker.describe()))
-                continue
             queue = self.queues.get(step.backend)
             # On the last backend there is nowhere to spill to: wait as long as a first byte may take.
-            wait = backend.config.timeouts.first_byte if i == len(steps) - 1 else step.max_queue_wait
-            slot = queue.slot(0 if walk.profile.interactive else 1, wait) if queue else _no_queue()
-            async with slot as (got, waited):
-                walk.decision.queue_wait_ms += waited * 1000
-                if not got:
-                    walk.moved_on(FailoverEvent(step.backend, SPILLED, f"queue wait > {wait:g}s"))
-                    continue
-                with breaker.trial() if breaker else contextlib.nullcontext():
-                    result = await self._attempt(walk, step, backend, breaker)
+            wait = backend.config.timeouts.first_byte if last else step.max_queue_wait
+            result: web.StreamResponse | None = None
+            preempted = False
+            if breaker is None or breaker.allows(trial_ok):
+                priority = INTERACTIVE if walk.profile.interactive else BACKGROUND
+                slot = queue.slot(priority, wait, walk.route.preemptible) if queue else _no_queue()
+                async with slot as lease:
+                    walk.decision.queue_wait_ms += lease.waited * 1000
+                    if not lease.got:
+                        walk.moved_on(FailoverEvent(step.backend, SPILLED, f"queue wait > {wait:g}s"))
+                    elif breaker is not None and not breaker.allows(trial_ok):  # opened while we waited
+                        walk.moved_on(FailoverEvent(step.backend, CIRCUIT_OPEN, breaker.describe()))
+                    else:
+                        with breaker.trial() if breaker else contextlib.nullcontext():
+                            try:
+                                result = await self._attempt(walk, step, backend, breaker, lease)
+                            except _Preempted:
+                                walk.moved_on(FailoverEvent(step.backend, PREEMPTED, "gave way to an interactive turn"))
+                                preempted = True
+            else:
+                walk.moved_on(FailoverEvent(step.backend, CIRCUIT_OPEN, breaker.describe()))
             if result is not None:
                 return result
+            if not (preempted and last):  # pre-empted with nowhere else to go: queue here again
+                i += 1
         raise self._exhausted(walk)
 
-    async def _attempt(self, walk: Walk, step: Step, backend: Backend,
-                       breaker: CircuitBreaker | None) -> web.StreamResponse | None:
+    async def _attempt(self, walk: Walk, step: Step, backend: Backend, breaker: CircuitBreaker | None,
+                       lease: Lease) -> web.StreamResponse | None:
         req, decision = walk.req, walk.decision
         body = self._upstream_body(req.body, backend, walk.route)
         decision.overhead_ms = (time.monotonic() - walk.started) * 1000 - decision.queue_wait_ms
+        # Unchanged body: send the client's bytes as they came (no re-encoding of a 300 KB prompt).
+        raw = req.raw if body is req.body else None
         try:
-            # Unchanged body: send the client's bytes as they came (no re-encoding of a 300 KB prompt).
-            upstream = await self._open(backend, body, walk, req.raw if body is req.body else None)
+            if lease.preemptible:
+                upstream = await _unless_preempted(lease, self._open_whole(backend, body, walk, raw))
+            else:
+                upstream = await self._open(backend, body, walk, raw)
         except failures.UpstreamFailure as f:
             self._judge(breaker, backend, f, walk.route)
             if f.kind is failures.Kind.CLIENT_ERROR:
@@ -119,6 +138,8 @@ class Dispatcher:
             walk.failed(f)
             return None
         decision.backend = step.backend
+        # Known now, so a client that leaves mid-stream is still recorded with its real first byte.
+        decision.first_byte_ms = (time.monotonic() - walk.started) * 1000
         out_headers = walk.headers(step)
         if req.stream:
             resp, outcome = await relay_stream(walk.request, upstream, out_headers, walk.started,
@@ -128,6 +149,18 @@ class Dispatcher:
             resp, outcome = await relay_json(walk.request, upstream, out_headers, walk.started)
         self._settle(breaker, outcome, decision, backend, walk.route)
         return resp
+
+    async def _open_whole(self, backend: Backend, body: dict[str, Any], walk: Walk, raw: bytes | None) -> Upstream:
+        """Open and read the whole answer before any byte goes to the client, so a pre-empted
+        background task can still move elsewhere unnoticed (titles and tags are short)."""
+        upstream = await self._open(backend, body, walk, raw)
+        chunks = [upstream.first]
+        try:
+            async for chunk in upstream.rest:
+                chunks.append(chunk)
+        finally:
+            await upstream.close()
+        return Upstream(upstream.status, chunks[0], _replay(chunks[1:]), _closed, upstream.usage)
 
     async def _open(self, backend: Backend, body: dict[str, Any], walk: Walk, raw: bytes | None) -> Upstream:
         limiter = self.limiters.get(backend.name)
@@ -170,26 +203,29 @@ class Dispatcher:
     def _upstream_body(body: dict[str, Any], backend: Backend, route: Route) -> dict[str, Any]:
         model = backend.config.model
         clamp = route.max_tokens
-        needs_clamp = clamp is not None and (body.get("max_tokens") or 0) > clamp
+        # Open WebUI sends no max_tokens for tags and follow-ups: the clamp applies to those too.
+        asked = body.get("max_completion_tokens", body.get("max_tokens"))
+        needs_clamp = clamp is not None and (asked is None or asked > clamp)
         if (model is None or body.get("model") == model) and not needs_clamp:
             return body
         out = dict(body)
         if model is not None:
             out["model"] = model  # the client's "auto" or backend id becomes the upstream's model id
         if needs_clamp:
+            out.pop("max_completion_tokens", None)
             out["max_tokens"] = clamp
         return out
 
     @staticmethod
     def _judge(breaker: CircuitBreaker | None, backend: Backend, f: failures.UpstreamFailure, route: Route) -> None:
-        """A failure the taxonomy calls the backend's moves its breaker and may teach it a ceiling."""
+        """A failure the taxonomy calls the backend's moves its breaker and may teach it a ceiling.
+        Slowness is counted apart from crashes: it opens the circuit only when it repeats."""
         backend.learn(f, route.tokens_in)
         if breaker is not None and f.counts_against_backend:
-            breaker.record_failure(f"{f.kind}: {f.message[:80]}")
+            breaker.record_failure(f"{f.kind}: {f.message[:80]}", slow=f.kind is failures.Kind.TIMEOUT)
 
     def _settle(self, breaker: CircuitBreaker | None, outcome: Outcome, decision: Decision, backend: Backend,
                 route: Route) -> None:
-        decision.first_byte_ms = outcome.first_byte_s * 1000
         usage = outcome.usage or {}
         decision.tokens_out = int(usage.get("completion_tokens") or 0)
         decision.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -224,9 +260,40 @@ class Dispatcher:
                                   headers={"Retry-After": "5"})
 
 
+class _Preempted(Exception):
+    """A preemptible attempt gave its slot to an interactive turn before any byte reached its client."""
+
+
+async def _unless_preempted(lease: Lease, work: Any) -> Upstream:
+    """Run `work` unless the lease is pre-empted first; then cancel it (closing the upstream request,
+    which makes llama.cpp stop at once) and raise _Preempted."""
+    task = asyncio.ensure_future(work)
+    signal = asyncio.ensure_future(lease.preempted.wait())
+    try:
+        await asyncio.wait((task, signal), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signal.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task.cancelled():
+        raise _Preempted
+    return task.result()
+
+
+async def _replay(chunks: list[bytes]) -> Any:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _closed() -> None:
+    return None
+
+
 @contextlib.asynccontextmanager
 async def _no_queue() -> Any:
-    yield True, 0.0
+    yield Lease(INTERACTIVE, got=True)
 
 
 def _header_safe(value: str) -> str:

@@ -20,6 +20,7 @@ log = logging.getLogger("switchyard.decision")
 
 SPILLED = "spilled"  # waited its limit for a slot, moved on
 CIRCUIT_OPEN = "circuit_open"  # the backend's circuit opened while the request was on its way
+PREEMPTED = "preempted"  # a background task gave its slot to an interactive turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +37,13 @@ class FailoverEvent:
             return f"{self.backend} {self.detail}: spilled"
         if self.kind == CIRCUIT_OPEN:
             return self.detail or f"{self.backend} circuit open"
+        if self.kind == PREEMPTED:
+            return f"{self.backend} preempted"
         return f"{self.backend} {self.kind}"
 
     @property
     def metric_kind(self) -> str:
-        return {SPILLED: "spillover", CIRCUIT_OPEN: "circuit_open"}.get(self.kind, "failover")
+        return {SPILLED: "spillover", CIRCUIT_OPEN: "circuit_open", PREEMPTED: "preempted"}.get(self.kind, "failover")
 
 
 @dataclass(slots=True)

@@ -112,8 +112,7 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
                 failures.Kind.BROKEN_STREAM, backend, "the stream ended without [DONE]")
         try:
             if not saw_error:
-                err = error_payload(f"{backend} failed mid-stream: {outcome.failure.message}",
-                                    "server_error", "upstream_stream_broken")
+                err = error_payload(_in_words(backend, outcome.failure), "server_error", "upstream_stream_broken")
                 await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
             await resp.write(_DONE + b"\n\n")
         except (ConnectionResetError, ConnectionError):
@@ -126,6 +125,15 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
     except (ConnectionResetError, ConnectionError):
         outcome.client_gone = True
     return resp, outcome
+
+
+def _in_words(backend: str, f: failures.UpstreamFailure) -> str:
+    """What a person reading the chat should see, not an exception class name."""
+    if f.kind is failures.Kind.CRASH:
+        return f"The {backend} model stopped responding mid-answer (its connection was lost); the answer is incomplete."
+    if f.kind is failures.Kind.TIMEOUT:
+        return f"The {backend} model went silent mid-answer ({f.message}); the answer is incomplete."
+    return f"The {backend} model's answer ended early ({f.message}); the answer is incomplete."
 
 
 def _error_line(chunk: bytes) -> bytes:

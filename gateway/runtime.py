@@ -18,13 +18,14 @@ from aiolimiter import AsyncLimiter
 from .activity import Activity
 from .admit import Admission, month_start
 from .backends.base import Backend, ProbeResult
-from .breaker import CircuitBreaker
+from .breaker import CircuitBreaker, State
 from .ceiling import CrashCeilings
 from .classify import Classifier
 from .config import Policy, Settings
 from .decide import Decider
 from .dispatch import Dispatcher
 from .ledger import Ledger, ledger_path
+from .loopwatch import watch as loopwatch
 from .metrics import Metrics
 from .record import Recorder
 from .router import Router
@@ -58,7 +59,7 @@ class Runtime:
     def build(cls, settings: Settings, backends: Mapping[str, Backend] | None = None) -> Runtime:
         router = Router.build(settings, backends)
         gw = settings.gateway
-        queues = {n: SlotQueue(c.max_concurrency) for n, c in gw.backends.items()
+        queues = {n: SlotQueue(c.max_concurrency, c.lookahead) for n, c in gw.backends.items()
                   if c.max_concurrency and n in router.backends}
         limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
                     for n, c in gw.backends.items() if c.rate_limit_per_minute and n in router.backends}
@@ -122,6 +123,7 @@ class Runtime:
         return self.router.policy
 
     async def start(self) -> None:
+        loopwatch.start()
         await self.refresh_all()
         self.ledger.start()
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="switchyard-prober"))
@@ -137,6 +139,7 @@ class Runtime:
                 await t
         await self.ledger.stop()
         await self.router.close()
+        await loopwatch.stop()
 
     async def refresh_all(self) -> None:
         results = await asyncio.gather(*(b.probe() for b in self.backends.values()))
@@ -156,11 +159,32 @@ class Runtime:
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
             tick += 1
-            for name, breaker in self.breakers.items():
-                if breaker.probe_due():
-                    result = await self.backends[name].probe()
-                    self.last_probe[name] = result
-                    breaker.probe_result(result.ready, result.detail)
-                    log.info("probe %s: %s -> circuit %s", name, result.detail, breaker.state)
+            await asyncio.gather(*(self._watch(name, breaker) for name, breaker in self.breakers.items()))
             if tick % REFRESH_EVERY == 0:
                 await self.refresh_all()
+
+    async def _watch(self, name: str, breaker: CircuitBreaker) -> None:
+        """An open circuit is probed every interval (cheap: /health on our own box) so a restarted
+        server is back within a second of being ready; a half-open one gets a tiny trial request of
+        our own when its backend offers one, so recovery never waits for a user to be the guinea pig."""
+        backend = self.backends[name]
+        if breaker.state is State.OPEN:
+            result = await backend.probe()
+            self.last_probe[name] = result
+            breaker.probe_result(result.ready, result.detail)
+            if breaker.state is not State.OPEN:
+                log.info("probe %s: %s -> circuit %s", name, result.detail, breaker.state)
+        if breaker.state is not State.HALF_OPEN or breaker.trial_in_flight:
+            return
+        queue = self.queues.get(name)
+        if queue is not None and (queue.busy or queue.waiting):
+            return  # a live request is on it (or about to be): its outcome decides
+        with breaker.trial():
+            result = await backend.tiny_request()
+            if result is None:
+                return
+            if result.ready:
+                breaker.record_success()
+            else:
+                breaker.record_failure(result.detail)
+        log.info("trial %s: %s -> circuit %s", name, result.detail, breaker.state)

@@ -144,6 +144,9 @@ class ScriptedBackend:
     async def start(self) -> None:
         return None
 
+    async def tiny_request(self) -> ProbeResult | None:
+        return None
+
     async def probe(self) -> ProbeResult:
         return ProbeResult(self.unusable is None, self.unusable or "scripted")
 

@@ -67,8 +67,58 @@ def test_failed_trial_reopens_with_a_growing_cooldown() -> None:
     b.record_failure("crash again", now=6)
     assert b.state is State.OPEN and b.cooldown == 10
     assert not b.probe_due(now=15) and b.probe_due(now=16)
-    b.probe_result(False, "loading model", now=16)
+    b.probe_result(True, "ready", now=16)
+    b.begin()
+    b.record_failure("and again", now=17)
     assert b.state is State.OPEN and b.cooldown == 12  # capped
+
+
+def test_a_loading_or_unreachable_server_does_not_grow_the_cooldown() -> None:
+    # Probes while llama-server restarts used to double the cool-down (5 -> 10 -> 20 -> 40 s), so
+    # local came back up to 39 s after it was ready.
+    b = breaker(cooldown=5)
+    b.record_failure("crash", now=0)
+    for t in range(1, 30):
+        b.probe_result(False, "loading model", now=t)
+    assert b.state is State.OPEN and b.cooldown == 5
+
+
+def test_a_server_seen_down_half_opens_as_soon_as_it_is_ready() -> None:
+    b = breaker(cooldown=60)
+    b.record_failure("crash", now=0)
+    b.probe_result(False, "unreachable", now=1)
+    b.probe_result(True, "ready", now=2)  # it restarted: no need to wait out the cool-down
+    assert b.state is State.HALF_OPEN
+
+
+def test_a_server_never_seen_down_waits_out_the_cooldown() -> None:
+    b = breaker(cooldown=5)
+    b.record_failure("crash", now=0)
+    b.probe_result(True, "ready", now=1)  # healthy by /health, yet it just failed a request
+    assert b.state is State.OPEN
+    b.probe_result(True, "ready", now=5)
+    assert b.state is State.HALF_OPEN
+
+
+def test_slowness_opens_only_when_it_repeats() -> None:
+    b = breaker()
+    b.config = b.config.model_copy(update={"slow_threshold": 3})
+    b.record_failure("timeout", now=0, slow=True)
+    b.record_failure("timeout", now=1, slow=True)
+    assert b.state is State.CLOSED
+    b.record_failure("timeout", now=2, slow=True)
+    assert b.state is State.OPEN
+
+
+def test_half_open_trial_is_never_a_preemptible_task() -> None:
+    b = breaker()
+    b.record_failure("crash", now=0)
+    b.probe_result(True, "ready", now=10)
+    assert not b.allows(trial_ok=False) and b.allows(trial_ok=True)
+    assert "waiting for an interactive trial" in b.describe()
+    with b.trial():
+        assert "trial in flight" in b.describe()
+    assert b.allows() and "trial in flight" not in b.describe()  # an abandoned trial ends the trial
 
 
 def test_open_since_keeps_the_first_opening_and_its_reason() -> None:

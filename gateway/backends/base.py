@@ -91,6 +91,9 @@ class Backend(Protocol):
 
     async def probe(self) -> ProbeResult: ...
 
+    async def tiny_request(self) -> ProbeResult | None:
+        """A tiny real request to close a half-open circuit; None when one would cost (a provider)."""
+
     async def close(self) -> None: ...
 
 

@@ -150,6 +150,9 @@ class HostedBackend:
         # Importing litellm takes seconds: do it now, in a thread, not on the first request's loop turn.
         await asyncio.to_thread(load_litellm)
 
+    async def tiny_request(self) -> ProbeResult | None:
+        return None  # costs money and quota: the next live request is the trial
+
     async def probe(self) -> ProbeResult:
         if self.unusable:
             return ProbeResult(False, self.unusable)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,9 +25,11 @@ import aiohttp
 from .. import failures
 from ..ceiling import CrashCeilings
 from ..config import LlamaCppBackend as LlamaCppConfig
+from ..loopwatch import watch as loopwatch
 from .base import Fit, FitQuery, ProbeResult, Upstream, empty_rest
 
 _JSON = {"Content-Type": "application/json"}
+log = logging.getLogger("switchyard")
 
 
 class LlamaCppBackend:
@@ -45,9 +48,12 @@ class LlamaCppBackend:
 
     def _new_session(self, force_close: bool) -> aiohttp.ClientSession:
         t = self.config.timeouts
+        # aiohttp bounds only the connect. First byte, idle and total are enforced in open() and
+        # _Watchdog, each apart and named: aiohttp's sock_read would also bound the wait for the
+        # response headers, failing a slow non-streamed answer at `idle` as if the server were dead.
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=force_close, limit=0),
-            timeout=aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.idle),
+            timeout=aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect),
             skip_auto_headers=("User-Agent",),
         )
 
@@ -65,6 +71,19 @@ class LlamaCppBackend:
         return self._fresh
 
     async def _post(self, data: bytes) -> aiohttp.ClientResponse:
+        began = asyncio.get_running_loop().time()
+        try:
+            return await self._send(data)
+        except aiohttp.ConnectionTimeoutError:
+            stalled = loopwatch.stalled_since(began)
+            if stalled < self.config.timeouts.connect / 2:
+                raise
+            # Our own loop was stalled: the connect may have completed long ago unseen. Not the server's fault.
+            log.warning("connect to %s timed out while the gateway's event loop was stalled %.1fs: retrying once",
+                        self.name, stalled)
+            return await self._send(data)
+
+    async def _send(self, data: bytes) -> aiohttp.ClientResponse:
         url = f"{self.url}/v1/chat/completions"
         if not self.config.keep_alive:
             return await self.session.post(url, data=data, headers=_JSON)
@@ -89,8 +108,9 @@ class LlamaCppBackend:
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
                    raw: bytes | None = None) -> Upstream:
         data = raw if raw is not None else json.dumps(body).encode()
+        t = self.config.timeouts
         try:
-            async with asyncio.timeout(self.config.timeouts.first_byte):
+            async with asyncio.timeout(t.first_byte):
                 resp = await self._post(data)
                 try:
                     if resp.status != 200:
@@ -107,9 +127,15 @@ class LlamaCppBackend:
                     raise
         except failures.UpstreamFailure:
             raise
+        except aiohttp.ConnectionTimeoutError as e:
+            raise failures.UpstreamFailure(failures.Kind.TIMEOUT, self.name,
+                                           f"could not connect within {t.connect:g}s") from e
+        except TimeoutError as e:
+            raise failures.UpstreamFailure(failures.Kind.TIMEOUT, self.name,
+                                           f"no first byte within {t.first_byte:g}s") from e
         except Exception as e:
             raise failures.from_exception(self.name, e) from e
-        return Upstream(200, first, _guarded(self.name, chunks), _closer(resp))
+        return Upstream(200, first, _guarded(self.name, chunks, _Watchdog(resp, t.idle, t.total)), _closer(resp))
 
     async def fit(self, q: FitQuery) -> Fit:
         limits = [n for n in (self.context_window, q.ceiling) if n]
@@ -182,6 +208,19 @@ class LlamaCppBackend:
     async def start(self) -> None:
         return None
 
+    async def tiny_request(self) -> ProbeResult | None:
+        """One token of a one-word prompt: the half-open trial when no interactive turn comes
+        (cheap on our own hardware; /health alone cannot tell a router's dead child)."""
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "stream": False}
+        if self.config.model:
+            body["model"] = self.config.model
+        try:
+            upstream = await self.open(body, {}, False)
+        except failures.UpstreamFailure as f:
+            return ProbeResult(False, f"trial request: {f.kind}: {f.message[:80]}")
+        await upstream.close()
+        return ProbeResult(True, "trial request answered")
+
     async def probe(self) -> ProbeResult:
         try:
             async with asyncio.timeout(5):
@@ -227,9 +266,45 @@ def _closer(resp: aiohttp.ClientResponse) -> Any:
     return close
 
 
-async def _guarded(name: str, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+class _Watchdog:
+    """Idle and total limits of a stream, for the price of one timer per stream (not per chunk):
+    each chunk only stamps the time; the timer closes the response when a limit passes."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, idle: float, total: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.resp, self.idle = resp, idle
+        self.last = self.loop.time()
+        self.deadline = self.last + total
+        self.total = total
+        self.fired: str | None = None
+        self._handle = self.loop.call_at(min(self.last + idle, self.deadline), self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if now >= self.deadline:
+            self.fired = f"the answer took longer than its total limit of {self.total:g}s"
+        elif now >= self.last + self.idle:
+            self.fired = f"silent for {self.idle:g}s"
+        else:
+            self._handle = self.loop.call_at(min(self.last + self.idle, self.deadline), self._check)
+            return
+        self.resp.close()  # wakes the pending read with a connection error, which _guarded renames
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+async def _guarded(name: str, chunks: AsyncIterator[bytes], dog: _Watchdog) -> AsyncIterator[bytes]:
+    loop = dog.loop
     try:
         async for chunk in chunks:
+            dog.last = loop.time()
             yield chunk
+        if dog.fired:  # closing may end the read quietly instead of raising
+            raise failures.UpstreamFailure(failures.Kind.TIMEOUT, name, dog.fired)
     except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:
+        if dog.fired:
+            raise failures.UpstreamFailure(failures.Kind.TIMEOUT, name, dog.fired) from e
         raise failures.from_exception(name, e) from e
+    finally:
+        dog.cancel()
