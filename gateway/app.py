@@ -45,9 +45,13 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     async def on_startup(app: web.Application) -> None:
         await app[endpoints.RUNTIME].start()
 
+    async def on_shutdown(app: web.Application) -> None:  # after the listener closed, before cleanup
+        await app[endpoints.RUNTIME].drain(settings.gateway.shutdown_grace)
+
     async def on_cleanup(app: web.Application) -> None:
         await app[endpoints.RUNTIME].stop()
 
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app

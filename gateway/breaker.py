@@ -58,6 +58,7 @@ class CircuitBreaker:
         self.last_reason = ""
         self.trial_in_flight = False
         self.seen_down = False  # a probe found the server down/loading since the circuit opened
+        self.half_open_at = 0.0  # monotonic
         self._failures: deque[float] = deque()
         self._slow: deque[float] = deque()
         self.history: deque[Transition] = deque(maxlen=50)
@@ -157,6 +158,7 @@ class CircuitBreaker:
             self.seen_down = True  # down or loading: waiting is all there is to do, and no reason to wait longer
             return
         if self.seen_down or self.probe_due(now):
+            self.half_open_at = now
             self._move(State.HALF_OPEN, f"probe: {detail}")
 
     def _open(self, now: float, reason: str, grow: bool) -> None:

@@ -32,7 +32,7 @@ from .receive import ChatRequest
 from .record import CIRCUIT_OPEN, PREEMPTED, SPILLED, Decision, FailoverEvent
 from .relay import Outcome, relay_json, relay_stream
 from .retry import rate_limit_retrying
-from .slots import BACKGROUND, INTERACTIVE, Lease, SlotQueue
+from .slots import BACKGROUND, INTERACTIVE, Lease, QueueClosed, SlotQueue
 
 _FORWARDED_HEADERS = ("x-session-id",)
 
@@ -82,6 +82,13 @@ class Dispatcher:
         self.limiters = limiters
 
     async def dispatch(self, walk: Walk) -> web.StreamResponse:
+        try:
+            return await self._walk(walk)
+        except QueueClosed:
+            raise NoBackendAvailable("Switchyard is shutting down; retry in a moment",
+                                     headers={"Retry-After": "5"}) from None
+
+    async def _walk(self, walk: Walk) -> web.StreamResponse:
         steps = walk.route.steps
         trial_ok = not walk.route.preemptible  # a task that may be cancelled proves nothing as a trial
         i = 0
@@ -122,7 +129,7 @@ class Dispatcher:
     async def _attempt(self, walk: Walk, step: Step, backend: Backend, breaker: CircuitBreaker | None,
                        lease: Lease) -> web.StreamResponse | None:
         req, decision = walk.req, walk.decision
-        body = self._upstream_body(req.body, backend, walk.route)
+        body = self._upstream_body(req, backend, walk.route)
         decision.overhead_ms = (time.monotonic() - walk.started) * 1000 - decision.queue_wait_ms
         # Unchanged body: send the client's bytes as they came (no re-encoding of a 300 KB prompt).
         raw = req.raw if body is req.body else None
@@ -200,13 +207,17 @@ class Dispatcher:
                 retry_after=60.0 / limiter.max_rate) from None
 
     @staticmethod
-    def _upstream_body(body: dict[str, Any], backend: Backend, route: Route) -> dict[str, Any]:
+    def _upstream_body(req: ChatRequest, backend: Backend, route: Route) -> dict[str, Any]:
+        """The body as the upstream gets it: its model id, the rule's clamp, and usage asked for on
+        every stream (Open WebUI never asks, and a stream without usage is a hole in the ledger)."""
+        body = req.body
         model = backend.config.model
         clamp = route.max_tokens
         # Open WebUI sends no max_tokens for tags and follow-ups: the clamp applies to those too.
         asked = body.get("max_completion_tokens", body.get("max_tokens"))
         needs_clamp = clamp is not None and (asked is None or asked > clamp)
-        if (model is None or body.get("model") == model) and not needs_clamp:
+        needs_usage = req.stream and not req.include_usage
+        if (model is None or body.get("model") == model) and not needs_clamp and not needs_usage:
             return body
         out = dict(body)
         if model is not None:
@@ -214,6 +225,9 @@ class Dispatcher:
         if needs_clamp:
             out.pop("max_completion_tokens", None)
             out["max_tokens"] = clamp
+        if needs_usage:
+            options = body.get("stream_options")
+            out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return out
 
     @staticmethod

@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .dispatch import Walk
-from .errors import GatewayError
+from .errors import GatewayError, NoBackendAvailable
 from .receive import receive
 from .record import Decision
 from .runtime import Runtime
@@ -25,7 +25,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     started = time.monotonic()
     decision = Decision(id=uuid.uuid4().hex[:16], team="-")
+    task = asyncio.current_task()
+    if task is not None:
+        rt.in_flight.add(task)
     try:
+        if rt.draining:
+            raise NoBackendAvailable("Switchyard is shutting down; retry in a moment", headers={"Retry-After": "5"})
         policy = rt.teams.authenticate(request.headers)
         decision.team = policy.team
         req = await receive(request, rt.settings.gateway.body_limit_bytes)
@@ -48,6 +53,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         decision.outcome = "client_gone"
         raise
     finally:
+        rt.in_flight.discard(task)  # type: ignore[arg-type]
         decision.total_ms = (time.monotonic() - started) * 1000
         rt.recorder.record(decision)
 

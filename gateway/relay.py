@@ -1,10 +1,12 @@
 """Step 5: relay. Upstream bytes go to the client as they arrive — never buffered.
 
-Per chunk the relay only looks for three byte patterns (`[DONE]`, a usage object, an error
+Per chunk the relay only looks for a few byte patterns (`[DONE]`, a usage object, an error
 event), so a stream costs almost nothing to pass through. It guarantees a well-formed end: a
 stream that breaks gets an SSE error event and `[DONE]`; a client that asked for usage always
-gets a usage chunk (opencode decides compaction from it). Closing the upstream is in `finally`,
-so a client that goes away cancels the generation and frees the local slot at once.
+gets a usage chunk (opencode decides compaction from it); a client that did not (Open WebUI) gets
+none, though dispatch asked the upstream for it so that every stream's tokens reach the ledger.
+Closing the upstream is in `finally`, so a client that goes away cancels the generation and frees
+the local slot at once.
 """
 
 from __future__ import annotations
@@ -74,24 +76,29 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
     deltas = 0
 
     async def forward(chunk: bytes) -> None:
-        # Three substring scans per chunk (C speed); anything more is done once, at the end.
+        # A few substring scans per chunk (C speed); anything more is done once, at the end.
         nonlocal saw_done, saw_error, usage_chunk, deltas
-        if usage_chunk is None and (_USAGE in chunk or _USAGE_SPACED in chunk):
-            usage_chunk = chunk
+        if usage_chunk is None:
+            if _USAGE in chunk or _USAGE_SPACED in chunk:
+                usage_chunk = chunk
+                if not include_usage:  # we asked upstream for it on the client's behalf: not theirs to see
+                    chunk = _without_usage_event(chunk)
+            else:
+                deltas += chunk.count(b'"delta"')
         if _ERROR in chunk:
             saw_error = True
             outcome.failure = failures.from_stream_error_event(backend, _error_line(chunk))
-        if include_usage and usage_chunk is None:
-            deltas += chunk.count(b'"delta"')
         if _DONE in chunk:
             saw_done = True
-            if include_usage and usage_chunk is None:
-                head, _, rest = chunk.partition(_DONE)
+            if usage_chunk is None:  # the upstream sent none: count what we relayed
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": deltas,
                          "total_tokens": prompt_tokens + deltas}
                 outcome.usage = usage
-                chunk = head + _usage_event(usage) + _DONE + rest
-        await resp.write(chunk)
+                if include_usage:  # opencode decides compaction from it: always give it one
+                    head, _, rest = chunk.partition(_DONE)
+                    chunk = head + _usage_event(usage) + _DONE + rest
+        if chunk:
+            await resp.write(chunk)
 
     try:
         await resp.prepare(request)
@@ -134,6 +141,19 @@ def _in_words(backend: str, f: failures.UpstreamFailure) -> str:
     if f.kind is failures.Kind.TIMEOUT:
         return f"The {backend} model went silent mid-answer ({f.message}); the answer is incomplete."
     return f"The {backend} model's answer ended early ({f.message}); the answer is incomplete."
+
+
+def _without_usage_event(chunk: bytes) -> bytes:
+    """Drop the usage-only SSE event (`"choices":[]`) from a chunk; an event that also carries
+    content stays whole (an extra usage field harms no client)."""
+    at = max(chunk.rfind(_USAGE), chunk.rfind(_USAGE_SPACED))
+    start = chunk.rfind(b"data:", 0, at)
+    end = chunk.find(b"\n\n", at)
+    end = len(chunk) if end < 0 else end + 2
+    event = chunk[start:end]
+    if start < 0 or (b'"choices":[]' not in event and b'"choices": []' not in event):
+        return chunk
+    return chunk[:start] + chunk[end:]
 
 
 def _error_line(chunk: bytes) -> bytes:

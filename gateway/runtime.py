@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ log = logging.getLogger("switchyard")
 
 PROBE_INTERVAL = 1.0  # seconds between breaker probes / live-state refreshes
 REFRESH_EVERY = 15  # probe intervals between live n_ctx refreshes of healthy backends
+TRIAL_AFTER = 2.0  # seconds a half-open circuit waits for an interactive trial before sending its own
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     activity: Activity = field(default_factory=Activity)
     last_probe: dict[str, ProbeResult] = field(default_factory=dict)
+    in_flight: set[asyncio.Task[Any]] = field(default_factory=set)  # chat handlers running now
+    draining: bool = False
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @classmethod
@@ -131,6 +135,22 @@ class Runtime:
         for name, b in self.backends.items():  # slow imports (litellm) in threads, off the event loop
             self._tasks.append(asyncio.create_task(b.start(), name=f"start-{name}"))
 
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: stop taking work, answer queued requests 503 + Retry-After at once, give the
+        running ones `grace` seconds, then cancel what is left (closing their upstreams)."""
+        self.draining = True
+        for q in self.queues.values():
+            q.close()
+        running = {t for t in self.in_flight if t is not asyncio.current_task()}
+        if running:
+            log.info("draining: %d request(s) in flight, waiting up to %gs", len(running), grace)
+            _, late = await asyncio.wait(running, timeout=grace)
+            for t in late:
+                t.cancel()
+            if late:
+                log.warning("drain: %d request(s) still running after %gs were cancelled", len(late), grace)
+                await asyncio.wait(late, timeout=5)
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -165,8 +185,9 @@ class Runtime:
 
     async def _watch(self, name: str, breaker: CircuitBreaker) -> None:
         """An open circuit is probed every interval (cheap: /health on our own box) so a restarted
-        server is back within a second of being ready; a half-open one gets a tiny trial request of
-        our own when its backend offers one, so recovery never waits for a user to be the guinea pig."""
+        server takes interactive turns again within a second of being ready (the first one is the
+        trial); when none comes within TRIAL_AFTER, a tiny trial request of our own (where the backend
+        offers one) closes it, so background work is not kept off a healthy server."""
         backend = self.backends[name]
         if breaker.state is State.OPEN:
             result = await backend.probe()
@@ -174,7 +195,8 @@ class Runtime:
             breaker.probe_result(result.ready, result.detail)
             if breaker.state is not State.OPEN:
                 log.info("probe %s: %s -> circuit %s", name, result.detail, breaker.state)
-        if breaker.state is not State.HALF_OPEN or breaker.trial_in_flight:
+        if (breaker.state is not State.HALF_OPEN or breaker.trial_in_flight
+                or time.monotonic() - breaker.half_open_at < TRIAL_AFTER):
             return
         queue = self.queues.get(name)
         if queue is not None and (queue.busy or queue.waiting):

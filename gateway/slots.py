@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 INTERACTIVE, BACKGROUND = 0, 1
 
 
+class QueueClosed(Exception):
+    """The gateway is shutting down: no more slots are handed out."""
+
+
 @dataclass(eq=False)
 class Lease:
     """One request's hold on a slot (or its failed wait for one)."""
@@ -54,6 +58,15 @@ class SlotQueue:
         self._heap: list[tuple[int, int, float, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        """Shutting down: every waiter (and every later request) gets QueueClosed at once."""
+        self.closed = True
+        for _, _, _, fut in self._heap:
+            if not fut.done():
+                fut.set_exception(QueueClosed())
+        self._heap.clear()
 
     def _grant(self) -> None:
         """Hand free slots to eligible waiters, highest priority first."""
@@ -91,6 +104,8 @@ class SlotQueue:
     async def acquire(self, lease: Lease | int, max_wait: float) -> bool:
         if isinstance(lease, int):
             lease = Lease(lease)
+        if self.closed:
+            raise QueueClosed
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         not_before = loop.time() + (self.lookahead if lease.priority != INTERACTIVE else 0.0)
@@ -105,12 +120,12 @@ class SlotQueue:
                 await asyncio.shield(fut)
             return self._hold(lease)
         except TimeoutError:
-            if fut.done() and not fut.cancelled():
+            if _granted(fut):
                 return self._hold(lease)  # handed a slot at the very moment the wait ran out: take it
             fut.cancel()
             return False
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            if _granted(fut):
                 self.release()  # we were handed a slot but our client left: pass it on
             else:
                 fut.cancel()
@@ -140,3 +155,7 @@ class SlotQueue:
         finally:
             if lease.got:
                 self.release(lease)
+
+
+def _granted(fut: asyncio.Future[None]) -> bool:
+    return fut.done() and not fut.cancelled() and fut.exception() is None

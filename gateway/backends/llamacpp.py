@@ -26,6 +26,7 @@ from .. import failures
 from ..ceiling import CrashCeilings
 from ..config import LlamaCppBackend as LlamaCppConfig
 from ..loopwatch import watch as loopwatch
+from .assemble import assemble, sse_objects
 from .base import Fit, FitQuery, ProbeResult, Upstream, empty_rest
 
 _JSON = {"Content-Type": "application/json"}
@@ -107,7 +108,12 @@ class LlamaCppBackend:
 
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
                    raw: bytes | None = None) -> Upstream:
-        data = raw if raw is not None else json.dumps(body).encode()
+        if stream:
+            data = raw if raw is not None else json.dumps(body).encode()
+        else:
+            # llama.cpp cannot cancel a non-streamed generation when we hang up (llama.cpp #9273): ask
+            # for a stream and assemble the answer, so closing frees the slot at once (assemble.py).
+            data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
         t = self.config.timeouts
         try:
             async with asyncio.timeout(t.first_byte):
@@ -117,7 +123,7 @@ class LlamaCppBackend:
                         raw = await resp.read()
                         raise failures.from_status(self.name, resp.status, resp.headers, raw)
                     if not stream:
-                        return Upstream(200, await resp.read(), empty_rest(), _closer(resp))
+                        return await self._assembled(resp)
                     chunks = resp.content.iter_any()
                     first = await anext(chunks, b"")
                     if not first:
@@ -136,6 +142,17 @@ class LlamaCppBackend:
         except Exception as e:
             raise failures.from_exception(self.name, e) from e
         return Upstream(200, first, _guarded(self.name, chunks, _Watchdog(resp, t.idle, t.total)), _closer(resp))
+
+    async def _assembled(self, resp: aiohttp.ClientResponse) -> Upstream:
+        events = sse_objects(await resp.read())
+        resp.close()
+        errors = [e for e in events if isinstance(e.get("error"), dict)]
+        if errors:
+            raise failures.from_stream_error_event(self.name, json.dumps(errors[0]).encode())
+        if not events:
+            raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "answer closed before any data")
+        answer = assemble(events)
+        return Upstream(200, json.dumps(answer).encode(), empty_rest(), _noop, usage=answer.get("usage"))
 
     async def fit(self, q: FitQuery) -> Fit:
         limits = [n for n in (self.context_window, q.ceiling) if n]
@@ -256,6 +273,10 @@ class LlamaCppBackend:
         for s in (self._session, self._fresh):
             if s is not None:
                 await s.close()
+
+
+async def _noop() -> None:
+    return None
 
 
 def _closer(resp: aiohttp.ClientResponse) -> Any:

@@ -199,3 +199,21 @@ async def test_billed_backend_records_cost_and_free_one_none(scripted: ScriptedF
     assert gw.last.cost == 0
     await gw.chat(chat(model="hosted"))
     assert gw.last.cost > 0
+
+
+async def test_a_stream_without_include_usage_asks_upstream_and_hides_the_usage_chunk(
+        scripted: ScriptedFactory) -> None:
+    # Open WebUI never sends stream_options: its turns used to reach the ledger with 0 tokens.
+    usage = {"prompt_tokens": 21, "completion_tokens": 2, "total_tokens": 23}
+    gw = await scripted(local=replying(Reply.stream("a", "b", usage=usage)))
+    events = await sse_events(await gw.chat(chat(stream=True)))
+    assert gw.runtime.backends["local"].calls[-1].body["stream_options"] == {"include_usage": True}  # type: ignore[attr-defined]
+    assert not any(isinstance(e, dict) and "usage" in e for e in events) and events[-1] == "[DONE]"
+    assert gw.last.prompt_tokens == 21 and gw.last.tokens_out == 2
+
+
+async def test_a_stream_whose_upstream_sends_no_usage_is_still_counted(scripted: ScriptedFactory) -> None:
+    gw = await scripted(local=replying(Reply.stream("a", "b", "c")))
+    events = await sse_events(await gw.chat(chat(stream=True)))
+    assert not any(isinstance(e, dict) and "usage" in e for e in events)
+    assert gw.last.tokens_out == 3
