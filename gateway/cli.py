@@ -152,6 +152,11 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
                 breaker = rt.breakers.get(name)
                 if breaker is not None and state.get("circuit") == "open":
                     breaker.adopt_open(state.get("circuit_detail") or "open in the running gateway")
+                if name in rt.backends and state.get("ready") is not None:
+                    # Whether a backend is usable (e.g. has its API key) is the running gateway's word,
+                    # not this process's environment.
+                    rt.decider.live_unusable[name] = None if state["ready"] else (
+                        f"not ready in the running gateway: {state.get('detail') or 'unknown'}")
         req = parse_chat(raw, headers)
         policy = rt.policy
         if team_key:
@@ -213,6 +218,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validate switchyard.yaml and every policy file (or the policy files in DIR)."""
     from .config import load_gateway, load_policies, policies_dir_of
 
+    if args.dir and Path(args.dir).is_file():
+        print(f"switchyard check: {args.dir} is a file; `check` takes a policies folder. To check a config "
+              f"file, run: switchyard check --config {args.dir}", file=sys.stderr)
+        return 2
     try:
         gateway = load_gateway(Path(args.config))
         directory = Path(args.dir) if args.dir else policies_dir_of(Path(args.config), gateway)

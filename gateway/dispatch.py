@@ -138,6 +138,9 @@ class Dispatcher:
                 upstream = await _unless_preempted(lease, self._open_whole(backend, body, walk, raw))
             else:
                 upstream = await self._open(backend, body, walk, raw)
+        except asyncio.CancelledError:
+            decision.backend = step.backend  # the client left while this backend was working on it
+            raise
         except failures.UpstreamFailure as f:
             self._judge(breaker, backend, f, walk.route)
             if f.kind is failures.Kind.CLIENT_ERROR:

@@ -25,9 +25,9 @@ def test_text_usage_and_timings_are_kept() -> None:
 
 
 def test_tool_calls_and_reasoning_are_merged_by_index() -> None:
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "read", "arguments": "{\"p"}}
     raw = sse({"choices": [{"index": 0, "delta": {"reasoning_content": "think"}}]},
-              {"choices": [{"index": 0, "delta": {"tool_calls": [{
-                  "index": 0, "id": "call_1", "type": "function", "function": {"name": "read", "arguments": "{\"p"}}]}}]},
+              {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]},
               {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\":1}"}}]},
                             "finish_reason": "tool_calls"}]})
     message = assemble(sse_objects(raw))["choices"][0]["message"]

@@ -25,3 +25,27 @@ def test_explain_on_a_fresh_home_creates_no_file(tmp_path: Path, monkeypatch: py
     out: dict[str, Any] = json.loads(capsys.readouterr().out)
     assert out["route"][0]["backend"] == "local"
     assert list(home.rglob("*")) == []
+
+
+async def test_explain_live_takes_hosted_readiness_from_the_running_gateway(
+        scripted: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    gw = await scripted()  # the running gateway has its hosted key
+    monkeypatch.delenv("TEST_HOSTED_KEY")  # ...this shell does not
+    compaction = {"model": "auto", "messages": [
+        {"role": "system", "content": "You are a context summarization agent."},
+        {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi</conversation>"}]}
+    out = await cli._explain(gw.runtime.settings, json.dumps(compaction).encode(), CIMultiDictProxy(CIMultiDict()),
+                             live=True, gateway_url=str(gw.client.make_url("")))
+    assert [s["backend"] for s in out["route"]] == ["hosted", "local"], out["reason"]
+    offline = await cli._explain(gw.runtime.settings, json.dumps(compaction).encode(),
+                                 CIMultiDictProxy(CIMultiDict()), live=False)
+    assert [s["backend"] for s in offline["route"]] == ["local"]  # judged from this shell alone
+
+
+def test_check_given_a_config_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gw, policy = config_for("http://127.0.0.1:9", "http://127.0.0.1:9")
+    config = write_config(tmp_path, gw, {"default": policy})
+    assert cli.main(["check", str(config), "--config", str(config)]) == 2
+    assert f"--config {config}" in capsys.readouterr().err
