@@ -121,6 +121,8 @@ class GatewayConfig(Strict):
         "off", description="off: every request is the default team; keys: a team key is required")
     ledger_path: str | None = Field(None, description="SQLite usage ledger; default <data_dir>/ledger.sqlite")
     reload_interval: float = Field(1.0, gt=0, description="seconds between policy file change checks")
+    shutdown_grace: float = Field(
+        20.0, ge=0, description="seconds SIGTERM waits for in-flight requests; keep below the unit's TimeoutStopSec")
     backends: dict[str, BackendConfig]
 
     @field_validator("backends")
