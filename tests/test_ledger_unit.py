@@ -86,8 +86,8 @@ async def test_a_failing_disk_is_logged_once_rows_are_kept_and_written_when_it_r
     blocker.unlink()  # the operator fixes the disk
     led.observe(decision(20))
     await wait_for(lambda: len(rows(led.path)) == 21)
-    assert "work again" in caplog.text
     await led.stop()
+    assert "work again" in caplog.text
 
 
 async def test_the_buffer_is_bounded_and_overflow_is_counted_and_logged_once(
