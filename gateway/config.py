@@ -1,8 +1,9 @@
 """Switchyard's configuration: `switchyard.yaml` (listen address, backends) and `policies/*.yaml`.
 
-Validated with pydantic; every error names the file, the line, the field and the reason, because a
-gateway that refuses to start must say exactly why. Loading never mutates the running config: the
-caller swaps in the new one only when the whole set validated (hot reload keeps the last good one).
+This module holds the pydantic models and the YAML helpers (`validate_file`, `line_of`): every error
+names the file, the line, the field and the reason, because a gateway that refuses to start must say
+exactly why. The policy *set* (references, one file per team, shared keys, the default team, hot
+reload keeping each team's last good policy) is validated in policies.py.
 """
 
 from __future__ import annotations
