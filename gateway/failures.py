@@ -152,7 +152,7 @@ def from_status(backend: str, status: int, headers: Any, body: bytes) -> Upstrea
     if status in (400, 413) and any(m in lowered for m in _OVERFLOW_MARKERS):
         return UpstreamFailure(Kind.CONTEXT_OVERFLOW, backend, text, status, None, body, hdrs)
     if status == 500 and any(m in lowered for m in _LLAMACPP_CLIENT_MARKERS):
-        return client_error(backend, f"{backend} could not parse the request: {message[:500]}")
+        return client_error(backend, f"{backend} rejected the request: {message[:500]}")
     if status >= 500:
         kind = Kind.CRASH if any(m in lowered for m in _CRASH_MARKERS) else Kind.UNAVAILABLE
         return UpstreamFailure(kind, backend, text or f"HTTP {status}", status,

@@ -52,20 +52,15 @@ async def test_a_rejected_gateway_key_fails_over_to_local(llama: LlamaServer, ma
     assert resp.headers["x-switchyard-failover"] == "hosted auth -> local"
 
 
-# Bodies that pass a shape check (valid JSON, messages with roles and content) but that the real
-# llama-server rejects while parsing them into its chat template, with HTTP 500.
+# Valid OpenAI request shapes that the real llama-server (a text-only model, no projector) cannot
+# turn into a prompt: it answers HTTP 500 "image input is not supported ..." — a request to fix,
+# not a sick server. (Malformed shapes, e.g. a text part without "text", are refused at receive.)
 UNPARSEABLE: list[tuple[str, dict[str, Any]]] = [
-    ("unknown content part type", {"messages": [{"role": "user", "content": [
+    ("image_url part on a text-only model", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}),
+    ("input_audio part on a text-only model", {"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}),
-    ("tool call without a function", {"messages": [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
-        {"role": "user", "content": "go on"}]}),
-    ("tool call arguments that are not JSON", {"messages": [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "42"}]}),
 ]
 
 
@@ -88,7 +83,7 @@ async def test_a_request_llamacpp_cannot_parse_is_a_400_and_the_breaker_stays_cl
         resp = await gw.chat({"model": "auto", "max_tokens": 4, **body})
         err = (await resp.json())["error"]
         assert resp.status == 400, (resp.status, err)
-        assert err["type"] == "invalid_request_error" and "local could not parse the request" in err["message"]
+        assert err["type"] == "invalid_request_error" and "local rejected the request" in err["message"]
     assert gw.runtime.breakers["local"].state == "closed"
     assert len(fake.requests) == before  # not failed over: the next backend would reject it too
     ok = await gw.chat(chat_body())  # and the next request is served locally as usual

@@ -63,7 +63,7 @@ def test_a_llamacpp_500_that_could_not_parse_the_request_is_the_clients_fault(me
     f = from_status("local", 500, {}, llama_error(message))
     assert f.kind is Kind.CLIENT_ERROR and not f.counts_against_backend
     assert f.status == 400 and f.body is None  # answered with our own 400 body, not llama's "code":500
-    assert message[:40] in f.message
+    assert f.message.startswith("local rejected the request: ") and message[:40] in f.message
 
 
 def test_a_provider_401_names_the_backend_and_never_echoes_the_key() -> None:
