@@ -179,7 +179,7 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
         except GatewayError as e:
             out.update(route=[], reason=e.message, error={"status": e.status, "code": e.code})
             return out
-        out.update(tokens_in=route.tokens_in, tokens_method=route.tokens_method, route=route.describe(),
+        out.update(tokens_in=route.tokens_in, tokens_method=route.tokens_method, route=[{"backend": s.backend, "kind": rt.backends[s.backend].place} for s in route.steps],
                    reason=route.reason, rule=route.rule)
         out["team"] = policy.team
         if live:
@@ -244,45 +244,33 @@ def _policy_file(settings: Settings, team: str) -> Path:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
+    from .keyfile import add_key, revoke_keys
     from .teams import hash_key, new_key
 
     settings = _load(args.config)
     path = _policy_file(settings, args.team)
-    lines = path.read_text().splitlines()
-    if args.action == "add":
-        key = new_key()
-        lines = _with_key(lines, hash_key(key))
-        path.write_text("\n".join(lines) + "\n")
-        _load(args.config)  # still valid?
-        print(key)
-        print(f"(stored only as its sha256 in {path}; this is the only time the key is shown)", file=sys.stderr)
-        return 0
-    target = args.key or ""
-    digest = hash_key(target) if target.startswith("sy-") else target.lower()
-    if len(digest) < 8:
-        print("switchyard key revoke: give the key itself or at least 8 hex digits of its hash", file=sys.stderr)
-        return 2
-    kept = [ln for ln in lines if not (ln.strip().lstrip("-").strip().strip("'\"").startswith(digest)
-                                       and ln.strip().startswith("-"))]
-    if len(kept) == len(lines):
+    try:
+        if args.action == "add":
+            key = new_key()
+            add_key(path, hash_key(key), settings.gateway)
+            _load(args.config)  # the whole set still valid?
+            print(key)
+            print(f"(stored only as its sha256 in {path}; this is the only time the key is shown)", file=sys.stderr)
+            return 0
+        target = args.key or ""
+        digest = hash_key(target) if target.startswith("sy-") else target.lower()
+        if len(digest) < 8:
+            print("switchyard key revoke: give the key itself or at least 8 hex digits of its hash", file=sys.stderr)
+            return 2
+        removed = revoke_keys(path, digest, settings.gateway)
+    except ConfigError as e:
+        print(f"switchyard key: {path} left unchanged:\n{e}", file=sys.stderr)
+        return 1
+    if not removed:
         print(f"switchyard key revoke: no key of team {args.team!r} matches", file=sys.stderr)
         return 1
-    path.write_text("\n".join(kept) + "\n")
-    print(f"revoked {len(lines) - len(kept)} key(s) of team {args.team!r}")
+    print(f"revoked {removed} key(s) of team {args.team!r}")
     return 0
-
-
-def _with_key(lines: list[str], digest: str) -> list[str]:
-    """Add `- digest` under `keys:` keeping the file's comments and layout."""
-    for i, line in enumerate(lines):
-        if line.startswith("keys:"):
-            rest = line[len("keys:"):].strip()
-            if rest in ("", "[]"):
-                return [*lines[:i], "keys:", f"  - {digest}", *lines[i + 1:]]
-            if rest.startswith("[") and rest.endswith("]"):
-                items = [x.strip() for x in rest[1:-1].split(",") if x.strip()]
-                return [*lines[:i], "keys:", *(f"  - {x}" for x in [*items, digest]), *lines[i + 1:]]
-    return [*lines, "keys:", f"  - {digest}"]
 
 
 # ---- usage -------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Switchyard's configuration: `switchyard.yaml` (listen address, backends) and `policies/*.yaml`.
 
-Validated with pydantic; every error names the file, the line, the field and the reason, because a
-gateway that refuses to start must say exactly why. Loading never mutates the running config: the
-caller swaps in the new one only when the whole set validated (hot reload keeps the last good one).
+This module holds the pydantic models and the YAML helpers (`validate_file`, `line_of`): every error
+names the file, the line, the field and the reason, because a gateway that refuses to start must say
+exactly why. The policy *set* (references, one file per team, shared keys, the default team, hot
+reload keeping each team's last good policy) is validated in policies.py.
 """
 
 from __future__ import annotations
@@ -195,7 +196,6 @@ class Signature(Strict):
     role: Role
     system_prefix: list[str] | None = None
     last_user_prefix: list[str] | None = None
-    only_user_message: bool = False
 
     _lists = field_validator("system_prefix", "last_user_prefix", mode="before")(_as_list)
 
@@ -324,7 +324,8 @@ def _issues(path: Path, node: yaml.Node | None, err: ValidationError) -> list[Co
     return out
 
 
-def _validate(model: type[_M], path: Path) -> _M:
+def validate_file(model: type[_M], path: Path) -> _M:
+    """One YAML file as `model`, or ConfigError with file:line: field: reason for every problem."""
     data, node = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue(str(path), 1, "", "expected a mapping at the top level")])
@@ -334,7 +335,8 @@ def _validate(model: type[_M], path: Path) -> _M:
         raise ConfigError(_issues(path, node, e)) from e
 
 
-def _line_of(path: Path, *keys: str | int) -> int | None:
+def line_of(path: Path, *keys: str | int) -> int | None:
+    """The line of the YAML node at `keys` (e.g. "rules", 0, "route"), for an error that pydantic did not raise."""
     try:
         _, node = _read_yaml(path)
     except ConfigError:
@@ -359,58 +361,14 @@ def policies_dir_of(config_path: Path, gateway: GatewayConfig) -> Path:
 
 
 def load_gateway(path: Path) -> GatewayConfig:
-    return _validate(GatewayConfig, path)
+    return validate_file(GatewayConfig, path)
 
 
 def load_policies(directory: Path, gateway: GatewayConfig) -> tuple[dict[str, Policy], dict[str, Path]]:
-    """Validate every policy file; report all problems at once, each with file and line."""
-    issues: list[ConfigIssue] = []
-    policies: dict[str, Policy] = {}
-    files: dict[str, Path] = {}
-    key_owner: dict[str, str] = {}
-    paths = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
-    if not paths:
-        issues.append(ConfigIssue(str(directory), None, "", "no policy files (*.yaml) found"))
-    for path in paths:
-        try:
-            policy = _validate(Policy, path)
-        except ConfigError as e:
-            issues.extend(e.issues)
-            continue
-        issues.extend(_check_references(path, policy, gateway))
-        if policy.team in policies:
-            issues.append(ConfigIssue(str(path), _line_of(path, "team"), "team",
-                                      f"team {policy.team!r} is already defined in {files[policy.team]}"))
-            continue
-        for i, h in enumerate(policy.keys):
-            if h in key_owner:
-                issues.append(ConfigIssue(str(path), _line_of(path, "keys", i), f"keys.{i}",
-                                          f"this key hash is also a key of team {key_owner[h]!r}"))
-            key_owner[h] = policy.team
-        policies[policy.team] = policy
-        files[policy.team] = path
-    if not issues and gateway.default_team not in policies:
-        issues.append(ConfigIssue(str(directory), None, "default_team",
-                                  f"no policy file defines the default team {gateway.default_team!r}"))
-    if issues:
-        raise ConfigError(issues)
-    return policies, files
+    """Every policy file in `directory`, validated as a set (see policies.py); ConfigError otherwise."""
+    from .policies import load_policies as load  # policies.py builds on this module's models
 
-
-def _check_references(path: Path, policy: Policy, gateway: GatewayConfig) -> list[ConfigIssue]:
-    issues = []
-    known = set(gateway.backends)
-    for i, rule in enumerate(policy.rules):
-        for j, name in enumerate(rule.route):
-            if name not in known:
-                issues.append(ConfigIssue(str(path), _line_of(path, "rules", i, "route", j),
-                                          f"rules.{i}.route.{j}",
-                                          f"unknown backend {name!r} (known: {', '.join(sorted(known))})"))
-    for j, name in enumerate(policy.allowed_backends or []):
-        if name not in known:
-            issues.append(ConfigIssue(str(path), _line_of(path, "allowed_backends", j),
-                                      f"allowed_backends.{j}", f"unknown backend {name!r}"))
-    return issues
+    return load(directory, gateway)
 
 
 def load_settings(config_path: str | os.PathLike[str]) -> Settings:

@@ -38,9 +38,6 @@ class Route:
     on_limit: str = "refuse"
     preemptible: bool = False  # gives way to interactive turns on a busy slot (answer held until complete)
 
-    def describe(self) -> list[dict[str, str]]:
-        return [{"backend": s.backend, "cost": "free" if s.free else "billed"} for s in self.steps]
-
 
 def rule_matches(match: Match, profile: RequestProfile, headers: Mapping[str, str]) -> bool:
     if match.role is not None and profile.role not in match.role:

@@ -1,14 +1,18 @@
 """The usage ledger: every request as one SQLite row, written in batches off the hot path.
 
-`observe` (a recorder sink) only appends to a list; a background task flushes it in a thread
-every half second. A failing disk degrades to a log warning — the ledger never slows or fails a
-request.
+`observe` (a recorder sink) only appends to a bounded list and wakes the writer; the writer task
+commits whatever has accumulated in one transaction in a thread, so under load batches grow
+instead of the delay. A row is committed within `DURABILITY_BOUND` (100 ms) of its request being
+recorded: a SIGKILL loses at most that. Nothing here can fail or slow a request, and nothing
+stops the writer: a failing disk is logged once per kind of failure and retried (rows are kept,
+up to `MAX_PENDING`); text SQLite cannot encode (a lone surrogate in a model name or header) is
+stored with the offending characters replaced; a full buffer drops new rows and counts them in
+`dropped`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sqlite3
@@ -32,35 +36,68 @@ _COLUMNS = ("id", "at", "team", "role", "client", "session", "model", "backend",
             "error_code", "tokens_in", "tokens_out", "cost", "queue_wait_ms", "latency_ms", "first_byte_ms",
             "failover", "retries", "reason")
 _INSERT = f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-FLUSH_EVERY = 0.5
+DURABILITY_BOUND = 0.1  # seconds: a recorded request is committed within this (stated in README)
+MAX_PENDING = 100_000  # rows held in memory while the disk is failing; past it new rows are dropped
+RETRY_EVERY = 1.0  # seconds between write attempts while the disk is failing
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _cell(v: Any) -> Any:
+    """A value SQLite will always bind: text that encodes as UTF-8, integers that fit 64 bits."""
+    if v is None or isinstance(v, float):
+        return v
+    if isinstance(v, int):  # bool included
+        return int(v) if _INT64[0] <= v <= _INT64[1] else float(v)
+    text = v if isinstance(v, str) else str(v)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: store it replaced, never drop the row
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def _row(d: Decision) -> tuple[Any, ...]:
-    return (d.id, d.at, d.team, d.role, d.client, d.session, d.model, d.backend, d.outcome, d.status,
-            d.error_code, d.prompt_tokens or d.tokens_in, d.tokens_out, d.cost, d.queue_wait_ms, d.total_ms,
-            d.first_byte_ms, "; ".join(map(str, d.failover)), d.retries, d.reason)
+    return tuple(_cell(v) for v in (
+        d.id, d.at, d.team, d.role, d.client, d.session, d.model, d.backend, d.outcome, d.status,
+        d.error_code, d.prompt_tokens or d.tokens_in, d.tokens_out, d.cost, d.queue_wait_ms, d.total_ms,
+        d.first_byte_ms, "; ".join(str(f) for f in d.failover), d.retries, d.reason))
 
 
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, timeout=5, check_same_thread=False)
-    # WAL + NORMAL: one cheap commit per batch instead of a journal rewrite and fsync per write.
+    # WAL + NORMAL: one cheap commit per batch instead of a journal rewrite and fsync per write. A
+    # committed WAL frame survives the process being killed (only a power loss can lose it).
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(_SCHEMA)
     return db
 
 
+def _environmental(e: BaseException) -> bool:
+    """A failure of the disk or the database file (full, read-only, locked, corrupt), not of a row."""
+    return isinstance(e, OSError) or type(e) in (sqlite3.OperationalError, sqlite3.DatabaseError)
+
+
 class Ledger:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_pending: int = MAX_PENDING) -> None:
         self.path = path
+        self.max_pending = max_pending
+        self.dropped = 0  # rows lost to a full buffer or rejected by SQLite (for /metrics)
         self._pending: list[tuple[Any, ...]] = []
         self._task: asyncio.Task[None] | None = None
         self._db: sqlite3.Connection | None = None
-        self.written = 0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closing = False
+        self._reported: set[str] = set()  # failure kinds already logged since the last good write
 
     def observe(self, d: Decision) -> None:
+        if len(self._pending) >= self.max_pending:
+            self._drop(1, "buffer full")
+            return
         self._pending.append(_row(d))
+        self._wake.set()
 
     def spent_this_month(self, since: float) -> dict[str, float]:
         try:
@@ -77,36 +114,113 @@ class Ledger:
         return self._db
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
-        db = self._open()
-        with db:
-            db.executemany(_INSERT, rows)
-        self.written += len(rows)
-
-    async def flush(self) -> None:
-        if not self._pending:
-            return
-        rows, self._pending = self._pending, []
         try:
-            await asyncio.to_thread(self._write, rows)
-        except (sqlite3.Error, OSError) as e:  # full disk, read-only dir: warn, never fail a request
-            log.warning("usage ledger write failed (%d rows dropped): %s", len(rows), e)
+            db = self._open()
+            with db:
+                db.executemany(_INSERT, rows)
+        except BaseException as e:
+            if _environmental(e) and self._db is not None:  # reconnect next time (the dir may come back)
+                self._db.close()
+                self._db = None
+            raise
+
+    def _write_each(self, rows: list[tuple[Any, ...]]) -> list[Exception]:
+        """Fallback after a batch failed on a row: keep every row SQLite takes; return the rejections."""
+        rejected: list[Exception] = []
+        for row in rows:
+            try:
+                self._write([row])
+            except Exception as e:
+                if _environmental(e):
+                    raise
+                rejected.append(e)
+        return rejected
+
+    def _report(self, kind: str, message: str, *args: Any) -> None:
+        """Log a failure once per kind until writes succeed again (a broken disk must not log per flush)."""
+        if kind not in self._reported:
+            self._reported.add(kind)
+            log.error(message, *args)
+
+    def _drop(self, n: int, why: str) -> None:
+        self.dropped += n
+        self._report(f"drop:{why}", "usage ledger dropping rows (%s): %d dropped so far; see ledger.dropped",
+                     why, self.dropped)
+
+    async def flush(self) -> bool:
+        """Write what is pending; False when the disk failed (the rows are kept for the next try)."""
+        async with self._lock:
+            if not self._pending:
+                return True
+            rows, self._pending = self._pending, []
+            try:
+                try:
+                    await asyncio.to_thread(self._write, rows)
+                except Exception as e:
+                    if _environmental(e):
+                        raise
+                    rejected = await asyncio.to_thread(self._write_each, rows)
+                    for err in rejected:
+                        self._report(f"row:{type(err).__name__}", "usage ledger rejected a row: %s: %s",
+                                     type(err).__name__, err)
+                        self._drop(1, "rejected by SQLite")
+            except Exception as e:  # full disk, read-only dir, locked or corrupt file: keep the rows, retry
+                self._pending = rows + self._pending
+                excess = len(self._pending) - self.max_pending
+                if excess > 0:
+                    del self._pending[self.max_pending:]
+                    self._drop(excess, "buffer full")
+                self._report(f"write:{type(e).__name__}:{e}",
+                             "usage ledger write failed (%d rows kept, retrying every %gs): %s: %s",
+                             len(rows), RETRY_EVERY, type(e).__name__, e)
+                return False
+            if self._reported:
+                log.warning("usage ledger writes to %s work again", self.path)
+                self._reported.clear()
+            return True
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_EVERY)
-            await self.flush()
+        while not self._closing:
+            try:
+                await self._wake.wait()
+                self._wake.clear()
+                if not await self.flush():
+                    await asyncio.sleep(RETRY_EVERY)  # a failing disk: don't spin on it
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the writer die: a dead writer is a silent, unbounded ledger
+                log.exception("usage ledger writer error (continuing)")
+                await asyncio.sleep(RETRY_EVERY)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="switchyard-ledger")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
-        if self._db is not None:
-            self._db.close()
+        """Flush what is pending and close; never raises (shutdown must go on)."""
+        self._closing = True
+        self._wake.set()
+        try:
+            task = self._task
+            if task is not None and not task.done():
+                # Let a write in progress finish (cancelling it mid-thread could lose its batch).
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), timeout=5 + RETRY_EVERY)
+                except TimeoutError:
+                    task.cancel()
+                except asyncio.CancelledError:
+                    if not task.cancelled():  # we are being cancelled, not the writer
+                        raise
+            if not await self.flush():
+                log.error("usage ledger: %d rows could not be written at shutdown", len(self._pending))
+        except Exception:
+            log.exception("usage ledger: error while stopping")
+        finally:
+            if self._db is not None:
+                try:
+                    self._db.close()
+                except Exception:
+                    pass
+                self._db = None
 
 
 def ledger_path(data_dir: str, configured: str | None) -> Path:

@@ -2,9 +2,9 @@
 
 Keys are stored as SHA-256 hex digests only; a presented key is hashed and compared against every
 stored digest with `hmac.compare_digest`, so neither the key nor timing reveals anything. Reload is
-per file: a file that does not validate is reported (file, line, reason) and its team keeps its
-last good policy; the other teams' edits still apply. In-flight requests keep the policy object
-they started with.
+per file (policies.py decides what a reload may change): a file that does not validate is reported
+(file, line, reason) and its team keeps its last good policy; the other teams' edits still apply;
+the default team is always there. In-flight requests keep the policy object they started with.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ConfigIssue, GatewayConfig, Policy, _check_references, _line_of, _validate
+from .config import ConfigError, ConfigIssue, GatewayConfig, Policy
 from .errors import Unauthorized
+from .policies import PolicySet, load, policy_paths
 
 log = logging.getLogger("switchyard")
 
@@ -39,15 +40,18 @@ class Teams:
     files: dict[str, Path]  # team -> file
     errors: list[str] = field(default_factory=list)
     _mtimes: dict[Path, float] = field(default_factory=dict)
-    _file_errors: dict[Path, list[str]] = field(default_factory=dict)
     _keys: list[tuple[str, str]] = field(default_factory=list)  # (digest, team)
 
     def __post_init__(self) -> None:
+        if self.gateway.default_team not in self.policies:  # the invariant `default` relies on
+            raise ConfigError([ConfigIssue(str(self.directory), None, "default_team",
+                                           f"no policy defines the default team {self.gateway.default_team!r}")])
         self._index()
         self._mtimes = self._scan()
 
     @property
     def default(self) -> Policy:
+        # Never a KeyError: construction requires the default team and policies.load keeps it on reload.
         return self.policies[self.gateway.default_team]
 
     def _index(self) -> None:
@@ -76,7 +80,7 @@ class Teams:
     # ---- hot reload ------------------------------------------------------------------------------
     def _scan(self) -> dict[Path, float]:
         out = {}
-        for p in sorted(self.directory.glob("*.yaml")) + sorted(self.directory.glob("*.yml")):
+        for p in policy_paths(self.directory):
             try:
                 out[p] = p.stat().st_mtime_ns
             except OSError:
@@ -87,55 +91,15 @@ class Teams:
         return self._scan() != self._mtimes
 
     def reload(self) -> list[str]:
-        """Re-read changed policy files; returns the problems (also kept in `errors`)."""
+        """Re-read the policy files; returns the problems (also kept in `errors`, shown by /readyz)."""
         now = self._scan()
-        issues: list[ConfigIssue] = []
-        policies = dict(self.policies)
-        files = dict(self.files)
-        for path, mtime in now.items():
-            if self._mtimes.get(path) == mtime:
-                continue
-            self._file_errors.pop(path, None)
-            try:
-                policy = _validate(Policy, path)
-            except ConfigError as e:
-                issues.extend(e.issues)
-                continue
-            refs = _check_references(path, policy, self.gateway)
-            if refs:
-                issues.extend(refs)
-                continue
-            owner = next((t for t, f in files.items() if f == path), None)
-            if policy.team in files and files[policy.team] != path:
-                issues.append(ConfigIssue(str(path), _line_of(path, "team"), "team",
-                                          f"team {policy.team!r} is already defined in {files[policy.team]}"))
-                continue
-            if owner is not None and owner != policy.team:
-                policies.pop(owner, None)
-                files.pop(owner, None)
-            policies[policy.team] = policy
-            files[policy.team] = path
-        for team, path in list(files.items()):  # a deleted file removes its team (never the default)
-            if path not in now and team != self.gateway.default_team:
-                policies.pop(team)
-                files.pop(team)
-        seen: dict[str, str] = {}
-        for team, p in policies.items():
-            for i, h in enumerate(p.keys):
-                if h in seen and seen[h] != team:
-                    path = files[team]
-                    issues.append(ConfigIssue(str(path), _line_of(path, "keys", i), f"keys.{i}",
-                                              f"this key hash is also a key of team {seen[h]!r}"))
-                    policies[team] = self.policies.get(team, p)  # keep the last good one
-                seen.setdefault(h, team)
-        self.policies, self.files = policies, files
+        result, issues = load(self.directory, self.gateway, PolicySet(self.policies, self.files))
+        self.policies, self.files = result.policies, result.files
         self._mtimes = now
         self._index()
-        for issue in issues:
-            self._file_errors.setdefault(Path(issue.file), []).append(str(issue))
-            log.error("policy reload rejected: %s (the team keeps its last good policy)", issue)
-        for path in list(self._file_errors):
-            if path not in now:
-                del self._file_errors[path]
-        self.errors = [e for errs in self._file_errors.values() for e in errs]
+        errors = [str(i) for i in issues]
+        for e in errors:
+            if e not in self.errors:  # a file that stays broken is logged once, not on every reload
+                log.error("policy reload rejected: %s (the team keeps its last good policy)", e)
+        self.errors = errors
         return self.errors

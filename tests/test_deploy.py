@@ -272,6 +272,19 @@ def test_systemd_unit_has_the_required_settings() -> None:
     assert dict(sections["Install"])["WantedBy"] == "multi-user.target"
 
 
+def test_systemd_unit_has_room_for_sockets_and_for_the_drain() -> None:
+    """Issue 12: the default 1024-fd soft limit runs out under load (EMFILE), and a stop timeout
+    shorter than the gateway's shutdown grace gets it SIGKILLed mid-drain, losing ledger rows."""
+    from gateway.config import GatewayConfig
+
+    service = dict(unit_entries()["Service"])
+    assert int(service["LimitNOFILE"].split(":")[0]) >= 65536
+    grace = GatewayConfig.model_fields["shutdown_grace"].default
+    stop = service["TimeoutStopSec"]
+    assert stop.isdigit(), f"TimeoutStopSec should be plain seconds, got {stop!r}"
+    assert int(stop) >= grace + 5, f"TimeoutStopSec={stop} leaves no room after shutdown_grace={grace}s"
+
+
 @pytest.fixture
 def unit_root(tmp_path: Path) -> Path:
     """A root for `systemd-analyze --root`: the system's units, the unit, and a stand-in ExecStart binary."""

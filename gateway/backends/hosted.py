@@ -116,6 +116,9 @@ class HostedBackend:
         yield b"data: [DONE]\n\n"
 
     def _failure(self, exc: BaseException) -> failures.UpstreamFailure:
+        local = failures.raised_locally(self.name, exc)  # litellm wraps its own encoding errors as 500s
+        if local is not None:
+            return local
         if type(exc).__name__ == "Timeout" or isinstance(exc, TimeoutError):  # litellm's Timeout has status 408
             return failures.UpstreamFailure(failures.Kind.TIMEOUT, self.name, "provider timed out")
         status = getattr(exc, "status_code", None)
