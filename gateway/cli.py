@@ -179,7 +179,8 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
         except GatewayError as e:
             out.update(route=[], reason=e.message, error={"status": e.status, "code": e.code})
             return out
-        out.update(tokens_in=route.tokens_in, tokens_method=route.tokens_method, route=[{"backend": s.backend, "kind": rt.backends[s.backend].place} for s in route.steps],
+        steps = [{"backend": s.backend, "kind": rt.backends[s.backend].place} for s in route.steps]
+        out.update(tokens_in=route.tokens_in, tokens_method=route.tokens_method, route=steps,
                    reason=route.reason, rule=route.rule)
         out["team"] = policy.team
         if live:
