@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .errors import GatewayError
+from .firstrun import startup_state
 from .receive import receive
 from .record import Decision
 from .runtime import Runtime
@@ -98,6 +99,7 @@ async def status_json(request: web.Request) -> web.Response:
         "now": time.time(), "config": str(rt.settings.path), "teams": sorted(rt.teams.policies),
         "backends": rt.backend_states(), "decisions": decisions,
         "usage_today": rt.activity.usage_today(), "per_minute": rt.activity.per_minute(),
+        "startup": startup_state(request.app),  # the embedded llama-server's first-run build, if any
     })
 
 
