@@ -45,6 +45,7 @@ STEPS: dict[str, str] = {
 STEP_RE = re.compile(r"^ensure-llama-server: \[step (\w+)\] ?(.*)$")
 FAILED_RE = re.compile(r"^ensure-llama-server: FAILED: (.*)$")
 PERCENT_RE = re.compile(r"^\[\s*(\d{1,3})%\]")  # cmake's Makefile generator: "[ 42%] Building CXX object ..."
+ERROR_RE = re.compile(r"(?i:\berror:)|CMake Error")  # gcc, pip ("ERROR: ..."), cmake
 TAIL = 30  # lines kept for the status page and the failure report
 LINE_MAX = 400
 
@@ -180,6 +181,12 @@ def hint_for(lines: list[str]) -> str:
     return DEFAULT_HINT
 
 
+def first_error(lines: deque[str] | list[str]) -> str:
+    """The line that says what went wrong: a compiler's `error:`, else the last line."""
+    errors = [ln.strip() for ln in lines if ERROR_RE.search(ln)]
+    return errors[0] if errors else next((ln.strip() for ln in reversed(lines) if ln.strip()), "no output")
+
+
 def clock_text(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -218,7 +225,7 @@ class TerminalReport:
             self._write("\r\033[K" + self._line(p))
             self._open_line = True
         elif new_step:
-            self._write(f"switchyard: {p.backend}: {p.detail or p.label} ({clock_text(p.elapsed)} so far)\n")
+            self._write(f"switchyard: {p.backend}: {p.detail or p.label}; {clock_text(p.elapsed)} so far\n")
         elif p.percent is not None and p.percent // 10 > self._decile:
             self._write(self._line(p) + "\n")
         if new_step:
@@ -294,8 +301,7 @@ async def run_ensure(progress: BuildProgress, changed: Callable[[], None]) -> Ar
                 await asyncio.wait_for(proc.wait(), 10)
         raise
     if code != 0:
-        last = next((ln.strip() for ln in reversed(progress.tail) if ln.strip()), "no output")
-        raise BuildFailed(progress.error or f"{script.name} exited with {code}: {last}")
+        raise BuildFailed(progress.error or f"{script.name} exited with {code}: {first_error(progress.tail)}")
     try:
         return parse_artifacts(stdout)
     except ValueError as e:
