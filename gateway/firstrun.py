@@ -101,8 +101,7 @@ class BuildProgress:
 
     def begin(self, step: str, detail: str = "") -> None:
         now = self.clock()
-        if self.step != "check":
-            self.steps_done.append({"step": self.step, "seconds": round(now - self.step_started, 1)})
+        self.steps_done.append({"step": self.step, "seconds": round(now - self.step_started, 1)})
         self.step, self.step_started = step, now
         self.detail = detail or STEPS.get(step, step)
         self.percent = None
@@ -221,7 +220,7 @@ class TerminalReport:
         new_step = p.step != self._step
         if self.tty:
             if new_step and self._open_line:
-                self._write("\n")
+                self._close_step(p)
             self._write("\r\033[K" + self._line(p))
             self._open_line = True
         elif new_step:
@@ -239,9 +238,18 @@ class TerminalReport:
             self._write("\r\033[K" + self._line(p))
             self._open_line = True
 
+    def _close_step(self, p: BuildProgress) -> None:
+        """Leave the finished step's line on screen as `... done in 41s`, then start a new line."""
+        if p.steps_done and p.steps_done[-1]["step"] == self._step:
+            done = p.steps_done[-1]
+            self._write(f"\r\033[Kswitchyard: {p.backend}: {STEPS.get(done['step'], done['step'])} "
+                        f"done in {clock_text(done['seconds'])}")
+        self._write("\n")
+        self._open_line = False
+
     def _end(self, p: BuildProgress) -> None:
         if self._open_line:
-            self._write("\n")
+            self._close_step(p) if p.state == "ready" else self._write("\n")
             self._open_line = False
         if p.state == "ready":
             self._write(f"switchyard: {p.backend}: embedded llama-server (SmolLM2-135M) ready at {p.url} "

@@ -74,7 +74,7 @@ def test_parser_follows_the_scripts_steps_and_failure() -> None:
     clock.now += 20
     p.feed("ensure-llama-server: [step configure] configuring the llama-server build (cmake)")
     p.feed("-- The C compiler identification is GNU 12.2.0")
-    assert p.step == "configure" and p.steps_done == [{"step": "download", "seconds": 20.0}]
+    assert p.step == "configure" and p.steps_done[1:] == [{"step": "download", "seconds": 20.0}]
     p.feed("ensure-llama-server: [step compile] building llama-server from source with 2 jobs")
     p.feed("[ 42%] Building CXX object src/CMakeFiles/llama.dir/llama-model.cpp.o")
     p.feed("[ 41%] Building CXX object src/CMakeFiles/llama.dir/llama-vocab.cpp.o")  # -j2 interleaving
@@ -248,7 +248,7 @@ async def test_serves_at_once_shows_progress_then_local_joins(serve: Callable[..
 
     at10 = await s.until("10 %", lambda st: st["percent"] == 10)
     assert at10["state"] == "building" and at10["step"] == "compile"
-    assert [d["step"] for d in at10["steps_done"]] == ["download", "configure"]
+    assert [d["step"] for d in at10["steps_done"]] == ["check", "download", "configure"]
     status, headers, body = await s.chat()
     assert status == 200, body
     assert headers["x-switchyard-backend"] == "hosted"
