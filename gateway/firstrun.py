@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -54,13 +55,22 @@ class BuildFailed(RuntimeError):
     pass
 
 
+class Phase(StrEnum):
+    """building -> loading -> ready; building or loading -> failed (final until `serve` restarts)."""
+
+    BUILDING = "building"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
 @dataclass
 class BuildProgress:
     """Where the embedded backend's bring-up is: building -> loading -> ready, or failed."""
 
     backend: str
     clock: Callable[[], float] = time.monotonic
-    state: str = "building"  # building | loading | ready | failed
+    state: Phase = Phase.BUILDING
     step: str = "check"
     detail: str = "checking the cache"
     percent: int | None = None
@@ -106,14 +116,14 @@ class BuildProgress:
         self.detail = detail or STEPS.get(step, step)
         self.percent = None
         if step == "load":
-            self.state = "loading"
+            self.state = Phase.LOADING
 
     def ready(self, url: str) -> None:
         self.begin("done", f"serving at {url}")
-        self.state, self.url, self.ended = "ready", url, self.clock()
+        self.state, self.url, self.ended = Phase.READY, url, self.clock()
 
     def fail(self, message: str) -> None:
-        self.state, self.ended = "failed", self.clock()
+        self.state, self.ended = Phase.FAILED, self.clock()
         if not self.error and message.strip():
             self.error = message.strip().splitlines()[-1]
         self.hint = hint_for([*self.tail, message])
@@ -135,11 +145,11 @@ class BuildProgress:
     def reason(self) -> str | None:
         """Why the backend cannot take requests now (the route reason and probe detail), or None."""
         took = clock_text(self.elapsed)
-        if self.state == "ready":
+        if self.state == Phase.READY:
             return None
-        if self.state == "failed":
+        if self.state == Phase.FAILED:
             return f"embedded llama-server failed to start ({self.error or 'see the status page'})"
-        if self.state == "loading":
+        if self.state == Phase.LOADING:
             return f"embedded llama-server starting (loading the model, {took})"
         if self.percent is not None:
             return f"embedded llama-server building, {self.percent} % ({self.label}, {took})"
@@ -214,7 +224,7 @@ class TerminalReport:
                 f"(total {clock_text(p.elapsed)})")
 
     def update(self, p: BuildProgress) -> None:
-        if p.state in ("ready", "failed"):
+        if p.state in (Phase.READY, Phase.FAILED):
             self._end(p)
             return
         new_step = p.step != self._step
@@ -234,7 +244,7 @@ class TerminalReport:
 
     def tick(self, p: BuildProgress) -> None:
         """Redraw the elapsed time on a TTY even when the build prints nothing for a while."""
-        if self.tty and p.state in ("building", "loading"):
+        if self.tty and p.state in (Phase.BUILDING, Phase.LOADING):
             self._write("\r\033[K" + self._line(p))
             self._open_line = True
 
@@ -249,9 +259,8 @@ class TerminalReport:
 
     def _end(self, p: BuildProgress) -> None:
         if self._open_line:
-            self._close_step(p) if p.state == "ready" else self._write("\n")
-            self._open_line = False
-        if p.state == "ready":
+            self._close_step(p)
+        if p.state == Phase.READY:
             self._write(f"switchyard: {p.backend}: embedded llama-server (SmolLM2-135M) ready at {p.url} "
                         f"after {clock_text(p.elapsed)}; it now takes requests\n")
             return
@@ -325,7 +334,7 @@ async def bring_up(progress: BuildProgress, report: TerminalReport, backend: Lla
     """
 
     def changed() -> None:
-        if progress.state != "ready":
+        if progress.state != Phase.READY:
             backend.starting = progress.reason()
         report.update(progress)
 
@@ -333,7 +342,7 @@ async def bring_up(progress: BuildProgress, report: TerminalReport, backend: Lla
         while True:
             await asyncio.sleep(1.0)
             changed_reason = progress.reason()
-            if progress.state in ("building", "loading") and changed_reason:
+            if progress.state in (Phase.BUILDING, Phase.LOADING) and changed_reason:
                 backend.starting = changed_reason  # the elapsed time in the route reason moves on too
             report.tick(progress)
 
@@ -356,8 +365,10 @@ async def bring_up(progress: BuildProgress, report: TerminalReport, backend: Lla
         progress.ready(server.url)
         backend.starting = None
         await refresh()  # /readyz and the banner's "live" from a real probe, not in 15 s
-    except (BuildFailed, OSError) as e:
+    except BuildFailed as e:
         progress.fail(str(e))
+    except Exception as e:  # anything else must not leave the backend "starting" forever
+        progress.fail(f"{type(e).__name__}: {e}")
     finally:
         tick.cancel()
         with contextlib.suppress(asyncio.CancelledError):
