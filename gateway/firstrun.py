@@ -3,7 +3,7 @@
 `serve` listens at once; this module brings the embedded llama-server up behind it. The build
 script (scripts/ensure-llama-server.sh) reports on stderr, read here live, line by line:
 
-    ensure-llama-server: [step compile] compiling llama-server with 2 jobs (first run only, ~6-10 min)
+    ensure-llama-server: [step compile] compiling llama-server with 2 jobs (first run only, ~6-15 min on 2 cores)
     [ 42%] Building CXX object src/CMakeFiles/llama.dir/llama-model.cpp.o
     ensure-llama-server: FAILED: no cmake (apt-get install cmake)
 

@@ -61,7 +61,7 @@ if ! binary_works; then
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF >&2 \
     || { log "FAILED: cmake could not configure llama.cpp (see above; apt-get install cmake build-essential)"; exit 1; }
-  step compile "building llama-server from source with $JOBS jobs (first run only, ~6-10 min on 2 idle cores)"
+  step compile "building llama-server from source with $JOBS jobs (first run only, ~6-15 min on 2 cores)"
   cmake --build "$work/build" --config Release --target llama-server -j"$JOBS" >&2 \
     || { log "FAILED: compiling llama-server failed (see the lines above)"; exit 1; }
   mkdir -p "$BIN_DIR"

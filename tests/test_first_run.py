@@ -57,12 +57,12 @@ def test_parser_reads_real_cmake_output() -> None:
         if p.feed(line) and p.percent is not None:
             seen.append(p.percent)
     assert p.step == "compile" and p.state == "building"
-    assert seen[0] == 1 and seen[-1] == 20, seen  # the sample runs from [  1%] to [ 20%]
+    assert seen[0] == 1 and seen[-1] == 100, seen  # the sample runs from [  1%] to [100%] Built target
     assert seen == sorted(seen) and len(set(seen)) == len(seen), "one change per new percentage, never back"
-    assert p.reason() == f"embedded llama-server building, 20 % (compiling llama-server, {int(p.elapsed) // 60}m" \
+    assert p.reason() == f"embedded llama-server building, 100 % (compiling llama-server, {int(p.elapsed) // 60}m" \
                          f"{int(p.elapsed) % 60:02d}s)"
     # gcc's "14148 |   return ..." and gmake's "Entering directory" lines are not percentages
-    assert len(p.tail) == 30 and p.tail[-1].startswith("[ 20%]")
+    assert len(p.tail) == 30 and p.tail[-4] == "[100%] Built target llama-server"
 
 
 def test_parser_follows_the_scripts_steps_and_failure() -> None:
@@ -111,7 +111,8 @@ def test_terminal_plain_log_is_a_line_per_step_and_per_ten_percent() -> None:
     assert "\r" not in out.getvalue()
     assert lines[0].startswith("switchyard: local: building llama-server from source")
     percents = [ln.split("llama-server")[1].split("%")[0].strip() for ln in lines[1:]]
-    assert percents == ["1", "10", "20"], lines  # first seen, then each new tenth
+    # the first percentage seen in each new tenth (-j2 and the trimmed sample skip some numbers)
+    assert percents == ["1", "10", "20", "31", "40", "50", "61", "70", "80", "90", "100"], lines
 
 
 def test_terminal_tty_redraws_one_line_per_step() -> None:
@@ -304,3 +305,25 @@ async def test_without_a_hosted_key_requests_get_503_with_retry_after_and_the_re
     assert status == 503 and int(headers["Retry-After"]) >= 1
     assert body["error"]["code"] == "no_backend_available"
     assert "local: embedded llama-server building, 10 %" in body["error"]["message"]
+
+
+async def test_status_page_shows_the_build_progress_then_the_failure(serve: Callable[..., Any],
+                                                                      tmp_path: Path) -> None:
+    from tests.test_status_page import chromium_page
+
+    s: Serve = await serve(fail=True)
+    await healthz_after(s, 10.0)
+    row = "document.querySelector('[data-startup=\"local\"]')"
+    async with chromium_page(tmp_path) as page:
+        await page.goto(s.url + "/")
+        await page.wait_for(f"{row}?.dataset.percent === '10'", timeout=30, what="the build at 10 %")
+        assert "compiling llama-server — 10 %" in await page.eval(f"{row}.innerText")
+        assert await page.eval(f"{row}.querySelector('.progress > div').style.width") == "10%"
+        s.open_gate("one")
+        await page.wait_for(f"{row}?.dataset.percent === '42'", what="the build at 42 %")
+        s.open_gate("two")
+        await page.wait_for(f"{row}?.dataset.state === 'failed'", what="the failed build")
+        text = await page.eval(f"{row}.innerText")
+        assert "embedded llama-server failed" in text and "What to do: " in text
+        assert "error: fake compiler exploded on purpose" in await page.eval(f"{row}.querySelector('pre').innerText")
+        assert page.errors == []
