@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
         backend, cfg = rt.backends[name], settings.gateway.backends[name]
         assert isinstance(backend, Local) and isinstance(cfg, LlamaCppBackend)
         tasks.append(asyncio.create_task(bring_up(progress, report, backend, min(cfg.context_limit or 8192, 8192),
-                                                  embedded, rt.refresh_all), name=f"embedded-{name}"))
+                                                  embedded, _publisher(rt, name), rt.refresh_all),
+                                         name=f"embedded-{name}"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -93,6 +95,16 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
         await runner.cleanup()
         for server in embedded:
             server.stop()
+
+
+def _publisher(rt: Any, name: str) -> Callable[[str], None]:
+    """Sets the backend's last probe result to the embedded bring-up's reason (for /readyz, /status.json)."""
+    from .backends.base import ProbeResult
+
+    def publish(reason: str) -> None:
+        rt.last_probe[name] = ProbeResult(False, reason)
+
+    return publish
 
 
 def _banner(settings: Settings, rt: Any, host: str, port: int, notes: list[str]) -> None:

@@ -42,6 +42,7 @@ STEPS: dict[str, str] = {
     "compile": "compiling llama-server",
     "model": "fetching the SmolLM2-135M model",
     "load": "starting llama-server",
+    "done": "ready",
 }
 STEP_RE = re.compile(r"^ensure-llama-server: \[step (\w+)\] ?(.*)$")
 FAILED_RE = re.compile(r"^ensure-llama-server: FAILED: (.*)$")
@@ -326,24 +327,29 @@ async def run_ensure(progress: BuildProgress, changed: Callable[[], None]) -> Ar
 
 
 async def bring_up(progress: BuildProgress, report: TerminalReport, backend: LlamaCppBackend, ctx: int,
-                   servers: list[LlamaServer], refresh: Callable[[], Awaitable[None]]) -> None:
+                   servers: list[LlamaServer], publish: Callable[[str], None],
+                   refresh: Callable[[], Awaitable[None]]) -> None:
     """Build (once) and start the embedded llama-server, then point `backend` at it.
 
     Until then `backend.starting` holds the reason routing and probes report (never a failure
-    counted against the circuit); on failure it keeps saying why, and the other backends serve.
+    counted against the circuit), and `publish` hands it to /readyz at once instead of at the next
+    periodic probe; on failure it keeps saying why, and the other backends serve.
     """
 
+    def set_reason() -> None:
+        reason = progress.reason()
+        if reason is not None:
+            backend.starting = reason
+            publish(reason)
+
     def changed() -> None:
-        if progress.state != Phase.READY:
-            backend.starting = progress.reason()
+        set_reason()
         report.update(progress)
 
     async def ticker() -> None:
         while True:
             await asyncio.sleep(1.0)
-            changed_reason = progress.reason()
-            if progress.state in (Phase.BUILDING, Phase.LOADING) and changed_reason:
-                backend.starting = changed_reason  # the elapsed time in the route reason moves on too
+            set_reason()  # the elapsed time in the reason moves on even while the build is quiet
             report.tick(progress)
 
     tick = asyncio.create_task(ticker())

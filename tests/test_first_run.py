@@ -254,8 +254,9 @@ async def test_serves_at_once_shows_progress_then_local_joins(serve: Callable[..
     assert status == 200, body
     assert headers["x-switchyard-backend"] == "hosted"
     assert "local: embedded llama-server building, 10 %" in headers["x-switchyard-route"]
-    ready = (await s.status())["backends"]["local"]
-    assert ready["circuit"] == "closed", "a backend that is starting never opens its circuit"
+    local = (await s.status())["backends"]["local"]
+    assert local["ready"] is False and "embedded llama-server building, 10 %" in local["detail"]
+    assert local["circuit"] == "closed", "a backend that is starting never opens its circuit"
 
     s.open_gate("one")
     at42 = await s.until("42 %", lambda st: st["percent"] == 42)
