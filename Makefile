@@ -33,12 +33,12 @@ llama-server:
 node-deps:
 	@command -v node >/dev/null || { echo "make test: node is required (apt-get install nodejs npm)"; exit 1; }
 	@cd tests/node && { [ -d node_modules/@ai-sdk/openai-compatible ] || { \
-	  echo "make: installing the npm packages for the Node client test (first run only, ~30 s)..."; \
-	  npm ci --no-audit --no-fund; }; }
+	  echo "make: installing the npm packages for the Node client test (first run only, ~10-30 s)..."; \
+	  npm ci --no-audit --no-fund --loglevel=error; }; }
 	@# opencode itself (pinned); `npm install`, not `npm ci`: the registry here has only linux-x64 binaries
 	@cd tests/opencode && { npm ls --depth=0 >/dev/null 2>&1 || { \
-	  echo "make: installing opencode from npm for the end-to-end test (first run only, ~1-2 min)..."; \
-	  npm install --no-audit --no-fund; }; }
+	  echo "make: installing opencode from npm for the end-to-end test (first run only, ~10-60 s)..."; \
+	  npm install --no-audit --no-fund --loglevel=error; }; }
 
 # Real headless Chromium for the status-page test (Debian packages chromium + chromium-driver).
 chromium:
