@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,35 +46,40 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
 
     from .app import create_app
     from .backends.llamacpp import LlamaCppBackend as Local
-    from .embedded import LlamaServer, locate
+    from .embedded import LlamaServer
     from .endpoints import RUNTIME
+    from .firstrun import STARTUP, BuildProgress, TerminalReport, bring_up
 
     app = create_app(settings)
     rt = app[RUNTIME]
     embedded: list[LlamaServer] = []
     notes: list[str] = []
+    # The embedded llama-server is built and started *after* we listen (a first build takes minutes):
+    # meanwhile the backend is `starting`, routing skips it with the progress as the reason.
+    startup: dict[str, BuildProgress] = {}
+    app[STARTUP] = startup
     for name, cfg in settings.gateway.backends.items():
         if isinstance(cfg, LlamaCppBackend) and cfg.embedded and not await _answers(cfg.url):
-            print(f"switchyard: nothing answers at {cfg.url} for backend {name!r}; "
-                  "starting the embedded llama-server (SmolLM2-135M)...", file=sys.stderr)
-            try:
-                artifacts = await asyncio.to_thread(locate, True)
-                server = LlamaServer(artifacts, ctx=min(cfg.context_limit or 8192, 8192))
-                await server.start()
-            except RuntimeError as e:
-                notes.append(f"{name}: embedded llama-server could not start: {e}")
-                continue
-            embedded.append(server)
             backend = rt.backends[name]
             assert isinstance(backend, Local)
-            backend.retarget(server.url)
-            notes.append(f"{name}: embedded SmolLM2-135M at {server.url} (nothing answered at {cfg.url}; "
-                         f"set backends.{name}.url in {settings.path} to your llama-server)")
+            startup[name] = progress = BuildProgress(name)
+            backend.starting = progress.reason()
+            notes.append(f"{name}: nothing answered at {cfg.url}, so the embedded llama-server (SmolLM2-135M) is "
+                         f"starting in the background (the first run builds it: ~6-15 min on 2 cores); set "
+                         f"backends.{name}.url in {settings.path} to your llama-server")
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     _banner(settings, rt, host, port, notes)
+    report = TerminalReport()
+    tasks: list[asyncio.Task[None]] = []
+    for name, progress in startup.items():
+        backend, cfg = rt.backends[name], settings.gateway.backends[name]
+        assert isinstance(backend, Local) and isinstance(cfg, LlamaCppBackend)
+        tasks.append(asyncio.create_task(bring_up(progress, report, backend, min(cfg.context_limit or 8192, 8192),
+                                                  embedded, _publisher(rt, name), rt.refresh_all),
+                                         name=f"embedded-{name}"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,14 +87,30 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     try:
         await stop.wait()
     finally:
+        for task in tasks:  # a build still running is killed (its process group); the next run resumes it
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await runner.cleanup()
         for server in embedded:
             server.stop()
 
 
+def _publisher(rt: Any, name: str) -> Callable[[str], None]:
+    """Sets the backend's last probe result to the embedded bring-up's reason (for /readyz, /status.json)."""
+    from .backends.base import ProbeResult
+
+    def publish(reason: str) -> None:
+        rt.last_probe[name] = ProbeResult(False, reason)
+
+    return publish
+
+
 def _banner(settings: Settings, rt: Any, host: str, port: int, notes: list[str]) -> None:
     lines = [f"switchyard listening on http://{host}:{port}/v1  (config {settings.path}, "
-             f"teams: {', '.join(sorted(settings.policies))})"]
+             f"teams: {', '.join(sorted(settings.policies))})",
+             f"  status page: http://{host}:{port}/"]
     for name, backend in rt.backends.items():
         probe = rt.last_probe.get(name)
         cfg = settings.gateway.backends[name]
@@ -98,6 +120,9 @@ def _banner(settings: Settings, rt: Any, host: str, port: int, notes: list[str])
             else:
                 state = "live (key set)" if cfg.api_key_env else "live"
             where = f"{cfg.model} at {cfg.api_base or 'provider default'}"
+        elif getattr(backend, "starting", None):
+            state = "STARTING: embedded llama-server"
+            where = "SmolLM2-135M, progress below and on the status page"
         else:
             state = "live" if probe and probe.ready else f"NOT LIVE: {probe.detail if probe else '?'}"
             where = f"llama.cpp at {backend.url} (context {backend.context_window})"

@@ -28,20 +28,50 @@ class Artifacts:
     model: Path
 
 
-def locate(build: bool = True) -> Artifacts:
-    """The cached llama-server and model; builds them (once) when allowed. Raises with the reason."""
+def ensure_script() -> Path:
+    """The build step; SWITCHYARD_ENSURE_SCRIPT swaps it (tests stand a fake in for the slow build)."""
+    return Path(os.environ.get("SWITCHYARD_ENSURE_SCRIPT") or ENSURE_SCRIPT)
+
+
+def cache_dir() -> Path:
+    """Where the script caches the binary and model (same default as the script's $SWITCHYARD_CACHE)."""
+    return Path(os.environ.get("SWITCHYARD_CACHE") or Path.home() / ".cache" / "switchyard")
+
+
+def preset_artifacts() -> Artifacts | None:
     binary, model = os.environ.get("SWITCHYARD_LLAMA_SERVER"), os.environ.get("SWITCHYARD_LLAMA_MODEL")
-    if binary and model:
-        return Artifacts(Path(binary), Path(model))
-    if not ENSURE_SCRIPT.exists():
+    return Artifacts(Path(binary), Path(model)) if binary and model else None
+
+
+def parse_artifacts(stdout: str) -> Artifacts:
+    """The script's last two stdout lines: the binary path, then the model path."""
+    lines = stdout.strip().splitlines()
+    if len(lines) < 2:
+        raise ValueError(f"the build script printed no binary and model paths (stdout: {stdout[-300:]!r})")
+    return Artifacts(Path(lines[-2]), Path(lines[-1]))
+
+
+def locate(build: bool = True) -> Artifacts:
+    """The cached llama-server and model; builds them (once) when allowed. Raises with the reason.
+
+    Blocking, output captured: for the tests and tools. `serve` uses firstrun.run_ensure instead,
+    which streams the build's progress.
+    """
+    preset = preset_artifacts()
+    if preset is not None:
+        return preset
+    script = ensure_script()
+    if not script.exists():
         raise RuntimeError("set SWITCHYARD_LLAMA_SERVER and SWITCHYARD_LLAMA_MODEL (no build script here)")
-    cmd = ["bash", str(ENSURE_SCRIPT)]
+    cmd = ["bash", str(script)]
     env = dict(os.environ, ENSURE_CHECK_ONLY="" if build else "1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"could not build or find llama-server:\n{proc.stderr[-3000:]}")
-    lines = proc.stdout.strip().splitlines()
-    return Artifacts(Path(lines[-2]), Path(lines[-1]))
+    try:
+        return parse_artifacts(proc.stdout)
+    except ValueError as e:
+        raise RuntimeError(str(e)) from e
 
 
 def free_port() -> int:

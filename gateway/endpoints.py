@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .dispatch import Walk
 from .errors import GatewayError, NoBackendAvailable
+from .firstrun import startup_state
 from .receive import receive
 from .record import Decision
 from .runtime import Runtime
@@ -105,6 +106,7 @@ async def status_json(request: web.Request) -> web.Response:
         "now": time.time(), "config": str(rt.settings.path), "teams": sorted(rt.teams.policies),
         "backends": rt.backend_states(), "decisions": decisions,
         "usage_today": rt.activity.usage_today(), "per_minute": rt.activity.per_minute(),
+        "startup": startup_state(request.app),  # the embedded llama-server's first-run build, if any
     })
 
 

@@ -32,8 +32,13 @@ fail() { tail -n 30 "$apt_log" >&2; log "FAILED: $*"; exit 1; }
 
 log "installing chromium and chromium-driver with apt-get (first run only, ~1 min)"
 $SUDO apt-get update -q >"$apt_log" 2>&1 || fail "apt-get update failed (network or apt sources; output above)"
-$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver >"$apt_log" 2>&1 \
-  || fail "apt-get install chromium chromium-driver failed (output above)"
+# apt's own "Get:"/"Unpacking"/"Setting up" lines are the progress; the full output stays in the log.
+set +e
+$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver 2>&1 | tee "$apt_log" \
+  | grep --line-buffered -E '^(Get:|Unpacking|Setting up)' | sed -u 's/^/  /' >&2
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" -eq 0 ] || fail "apt-get install chromium chromium-driver failed (output above)"
 
 works || fail "installed chromium but $CHROMIUM --version does not run"
 log "installed $("$CHROMIUM" --version 2>/dev/null)"

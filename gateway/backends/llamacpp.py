@@ -100,7 +100,14 @@ class LlamaCppBackend:
         limits = [n for n in (self.config.context_limit, self.live_n_ctx) if n]
         return min(limits) if limits else None
 
-    unusable: str | None = None
+    # Set by `serve` while it builds/starts the embedded llama-server (gateway/firstrun.py), or why
+    # that failed: routing skips the backend with this text as the reason and probes report it,
+    # so no failure is counted against the circuit meanwhile.
+    starting: str | None = None
+
+    @property
+    def unusable(self) -> str | None:
+        return self.starting
 
     def retarget(self, url: str) -> None:
         """Point at another server (the embedded one `serve` starts when nothing answered)."""
@@ -239,6 +246,8 @@ class LlamaCppBackend:
         return ProbeResult(True, "trial request answered")
 
     async def probe(self) -> ProbeResult:
+        if self.starting:
+            return ProbeResult(False, self.starting)
         try:
             async with asyncio.timeout(5):
                 async with self.session.get(f"{self.url}/health") as r:
