@@ -9,8 +9,8 @@ the idle slot first holds it for its whole generation. This measures, on the rea
 - beside its title with the previous scheduling (no look-ahead, no pre-emption) — the baseline,
 
 interleaved trial by trial so machine drift hits all three alike. The title is Open WebUI's shape
-(`X-OpenWebUI-Task: title_generation`, not streamed, `max_tokens: 1000`); to make "holding the slot"
-visible on a 135M model, it asks llama.cpp to write all of its tokens (`ignore_eos`). Hosted is the
+(`X-OpenWebUI-Task: title_generation`, not streamed); to make "holding the slot"
+visible on a 135M model, it asks llama.cpp to write 300 tokens (`ignore_eos`), a long title. Hosted is the
 fake provider (tests/fake_hosted.py), where a pre-empted title goes.
 
     .venv/bin/python -m bench.newchat [--trials 5] [--json out.json]
@@ -36,7 +36,7 @@ from gateway.config import load_settings
 from gateway.embedded import LlamaServer, free_port, locate
 from tests.fake_hosted import start_fake_hosted
 
-TITLE = {"model": "auto", "stream": False, "max_tokens": 1000, "ignore_eos": True, "messages": [
+TITLE = {"model": "auto", "stream": False, "max_tokens": 300, "ignore_eos": True, "messages": [
     {"role": "user", "content": "### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat "
                                 "history.\n### Chat History:\n<chat_history>\nUSER: how do tides work?\n"
                                 "</chat_history>"}]}

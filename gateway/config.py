@@ -82,6 +82,9 @@ class LlamaCppBackend(BackendBase):
     breaker: Breaker | None = Breaker(failure_threshold=1)
     lookahead: float = Field(0.15, ge=0, le=5, description="seconds a background task waits before taking an "
                              "idle slot (both Open WebUI and opencode send a new chat's title just before its turn)")
+    hot_for: float = Field(
+        300.0, ge=0, description="seconds a conversation counts as hot on its slot: a background task will not "
+        "evict its cached prefix while another backend can take the task")
     keep_alive: bool = Field(
         False, description="reuse upstream connections (a proxy in front of llama.cpp); llama-server itself "
         "answers `Connection: close`, so the default opens a fresh connection per request")
@@ -188,6 +191,12 @@ class Rule(Strict):
     preemptible: bool | None = Field(
         None, description="on a busy slot, give way to an interactive turn (its answer is held until complete, "
         "then sent); default: true for background roles, false for main, subagent and compaction")
+    prefer: Literal["order", "fastest"] = Field(
+        "order", description="order: the route's order; fastest: the backend predicted to answer first "
+        "(learned rates, cached tokens, queue) goes first, within the cost guard `min_saving`")
+    min_saving: float = Field(
+        0.0, ge=0, description="prefer: fastest moves a billed backend ahead of a free one only when it is "
+        "predicted to answer at least this many seconds sooner")
 
 
 class Signature(Strict):
@@ -216,10 +225,14 @@ class Limits(Strict):
 
 
 class Stickiness(Strict):
-    """A conversation that went hosted because it grew stays hosted (keeps llama.cpp's cache sane)."""
+    """A conversation that outgrew local stays where its prefix is warm (hosted) instead of bouncing back
+    to a cold local prefill. Pinned only on a size proven by bytes or an exact count (never on an
+    estimate made while local could not count), released by a compaction (which rewrites the history),
+    and expiring when the provider's prompt cache would be gone."""
 
     enabled: bool = True
-    ttl: float = Field(6 * 3600, gt=0, description="seconds a session stays pinned after its last request")
+    ttl: float = Field(1800, gt=0, description="seconds a session stays pinned after its last request "
+                       "(about a hosted prompt cache's lifetime)")
 
 
 class Policy(Strict):

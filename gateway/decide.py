@@ -10,10 +10,10 @@ when the cheap byte bounds cannot decide.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-from .backends.base import Backend, Fit, FitQuery
+from .backends.base import Backend, Estimate, Fit, FitQuery
 from .breaker import CircuitBreaker
 from .classify import RequestProfile
 from .config import PREEMPTIBLE_ROLES, Match, Policy, Rule
@@ -25,6 +25,7 @@ class Step:
     backend: str
     max_queue_wait: float
     free: bool  # costs nothing per token (budgets and `on_limit: local` keep only these)
+    predicted: float | None = None  # seconds to first byte, the backend's own estimate
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class Route:
     max_tokens: int | None = None  # clamp from the rule
     on_limit: str = "refuse"
     preemptible: bool = False  # gives way to interactive turns on a busy slot (answer held until complete)
+    estimates: dict[str, Estimate] = field(default_factory=dict)  # each candidate's, for `explain`
 
 
 def rule_matches(match: Match, profile: RequestProfile, headers: Mapping[str, str]) -> bool:
@@ -85,6 +87,9 @@ class SessionPins:
             return None
         return found[0]
 
+    def drop(self, key: tuple[str, str]) -> None:
+        self._pins.pop(key, None)
+
     def set(self, key: tuple[str, str], backend: str, ttl: float) -> None:
         self._pins.pop(key, None)
         if len(self._pins) >= self.MAX:
@@ -100,6 +105,8 @@ class Decider:
         # `explain --live`: why each backend is unusable as the *running gateway* sees it (None: usable),
         # instead of judging from this process's own environment.
         self.live_unusable: dict[str, str | None] = {}
+        # how many requests are on or waiting for each backend (the runtime's queues; 0 without one)
+        self.queued: Callable[[str], int] = lambda name: 0
 
     def model_ids(self, policy: Policy) -> list[str]:
         return ["auto", *self.backends, *policy.task_models]
@@ -131,14 +138,15 @@ class Decider:
             reserve = min(reserve, rule.max_tokens)
         queue_wait = rule.max_queue_wait if rule.max_queue_wait is not None else policy.max_queue_wait
         preemptible = rule.preemptible if rule.preemptible is not None else profile.role in PREEMPTIBLE_ROLES
-        query = FitQuery(body, profile.size, reserve, rule.local_ceiling or policy.local_ceiling)
+        query = FitQuery(body, profile.size, reserve, rule.local_ceiling or policy.local_ceiling, profile.session)
 
         steps: list[Step] = []
         too_big: list[str] = []
-        outgrown = False  # the request is too big for a free backend it could have used
+        outgrown = False  # the request is proven too big for a free backend it could have used
         closed: list[CircuitBreaker] = []  # the route's own open circuits
         unavailable: list[str] = []
         best: Fit | None = None
+        estimates: dict[str, Estimate] = {}
         for name in rule.route:
             if allowed is not None and name not in allowed:
                 continue
@@ -158,12 +166,19 @@ class Decider:
                 best = fit
             if not fit.fits:
                 too_big.append(fit.note)
-                outgrown = outgrown or backend.free
+                # never pin a session on an estimate (made when the server could not count, e.g. down)
+                outgrown = outgrown or (backend.free and fit.method != "estimate")
                 continue
-            steps.append(Step(name, queue_wait, backend.free))
+            estimate = backend.estimate(query, self.queued(name))
+            estimates[name] = estimate
+            steps.append(Step(name, queue_wait, backend.free, estimate.seconds))
         tokens = best.tokens if best else profile.tokens_in
         method = best.method if best else "bytes"
         notes = too_big + unavailable
+        if preemptible:
+            steps = _spare_warm_caches(self.backends, steps, query, notes)
+        if rule.prefer == "fastest":
+            steps = _fastest_first(steps, rule.min_saving, notes)
         steps = self._stick(profile, policy, steps, outgrown, notes)
         if not steps:
             if too_big and not unavailable:
@@ -177,7 +192,8 @@ class Decider:
         reason = f"{rule_desc}: {' -> '.join(s.backend for s in steps)}"
         if notes:
             reason += " (" + "; ".join(notes) + ")"
-        return Route(tuple(steps), reason, rule_name, tokens, method, rule.max_tokens, rule.on_limit, preemptible)
+        return Route(tuple(steps), reason, rule_name, tokens, method, rule.max_tokens, rule.on_limit, preemptible,
+                     estimates)
 
     def _stick(self, profile: RequestProfile, policy: Policy, steps: list[Step], outgrown: bool,
                notes: list[str]) -> list[Step]:
@@ -186,6 +202,9 @@ class Decider:
         if not (sticky.enabled and profile.session and steps):
             return steps
         key = (policy.team, profile.session)
+        if profile.role == "compaction":  # it rewrites the history: no cache worth keeping anywhere
+            self.pins.drop(key)
+            return steps
         if outgrown and not steps[0].free:
             self.pins.set(key, steps[0].backend, sticky.ttl)
             return steps
@@ -195,6 +214,36 @@ class Decider:
         self.pins.set(key, pinned, sticky.ttl)
         notes.append(f"session sticky on {pinned} since it outgrew local")
         return [s for s in steps if s.backend == pinned] + [s for s in steps if s.backend != pinned and not s.free]
+
+
+def _spare_warm_caches(backends: Mapping[str, Backend], steps: list[Step], q: FitQuery,
+                       notes: list[str]) -> list[Step]:
+    """A background task does not evict a hot conversation's cached prefix while another backend can
+    take it (a miss costs the conversation a full re-prefill: 7 s for 4k tokens on the seed's box)."""
+    kept = []
+    for i, step in enumerate(steps):
+        why = backends[step.backend].evicts(q)
+        if why and any(other is not step for other in steps[i + 1:] + kept):
+            notes.append(f"{step.backend} {why}")
+            continue
+        kept.append(step)
+    return kept
+
+
+def _fastest_first(steps: list[Step], min_saving: float, notes: list[str]) -> list[Step]:
+    """`prefer: fastest`: the step predicted to answer first leads, but a billed one only when it saves
+    at least `min_saving` seconds over the best free one. Unknown predictions keep the rule's order."""
+    known = [s for s in steps if s.predicted is not None]
+    if len(known) < 2 or len(known) != len(steps):
+        return steps
+    best = min(steps, key=lambda s: s.predicted or 0.0)
+    free = [s for s in steps if s.free]
+    if best is steps[0]:
+        return steps
+    if not best.free and free and (free[0].predicted or 0.0) - (best.predicted or 0.0) < min_saving:
+        return steps
+    notes.append(f"{best.backend} predicted first ({best.predicted:.1f}s vs {steps[0].predicted:.1f}s)")
+    return [best, *(s for s in steps if s is not best)]
 
 
 def retry_after(open_circuits: list[CircuitBreaker], now: float | None = None) -> int:

@@ -23,7 +23,8 @@ from aiohttp import web
 from aiolimiter import AsyncLimiter
 
 from . import catalog, failures
-from .backends.base import Backend, Upstream
+from .backends.base import AnswerStats, Backend, Upstream
+from .backends.speed import SpeedBook
 from .breaker import CircuitBreaker
 from .classify import RequestProfile
 from .decide import Route, Step
@@ -67,6 +68,9 @@ class Walk:
             "x-switchyard-tokens-in": str(self.route.tokens_in),
             "x-switchyard-route": _header_safe(self.route.reason),
         }
+        if step.predicted is not None:
+            self.decision.predicted_ttft_ms = step.predicted * 1000
+            h["x-switchyard-predicted-ttft"] = f"{step.predicted:.3f}"
         if self.decision.failover:
             events = "; ".join(map(str, self.decision.failover))
             h["x-switchyard-failover"] = _header_safe(f"{events} -> {step.backend}")
@@ -75,11 +79,13 @@ class Walk:
 
 class Dispatcher:
     def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker],
-                 queues: Mapping[str, SlotQueue], limiters: Mapping[str, AsyncLimiter]) -> None:
+                 queues: Mapping[str, SlotQueue], limiters: Mapping[str, AsyncLimiter],
+                 speeds: SpeedBook | None = None) -> None:
         self.backends = backends
         self.breakers = breakers
         self.queues = queues
         self.limiters = limiters
+        self.speeds = speeds or SpeedBook(None)
 
     async def dispatch(self, walk: Walk) -> web.StreamResponse:
         try:
@@ -158,7 +164,24 @@ class Dispatcher:
         else:
             resp, outcome = await relay_json(walk.request, upstream, out_headers, walk.started)
         self._settle(breaker, outcome, decision, backend, walk.route)
+        self._learn(step.backend, upstream, outcome, walk)
         return resp
+
+    def _learn(self, name: str, upstream: Upstream, outcome: Outcome, walk: Walk) -> None:
+        """Every answer teaches its backend how fast it is (and llama.cpp what its slot now holds)."""
+        now = time.monotonic()
+        first_byte = (walk.decision.first_byte_ms - walk.decision.queue_wait_ms) / 1000
+        ok = outcome.failure is None and not outcome.client_gone
+        stats = AnswerStats(first_byte, now - walk.started - first_byte, outcome.usage, outcome.timings, ok)
+        if ok:
+            speeds = self.speeds.of(name)
+            speeds.observe_first_byte(max(0.0, first_byte))
+            speeds.observe_service(max(0.0, now - walk.started - walk.decision.queue_wait_ms / 1000))
+        if upstream.settle is not None:
+            upstream.settle(stats)
+        timings = outcome.timings or {}
+        if isinstance(timings.get("cache_n"), int):
+            walk.decision.cached_tokens = timings["cache_n"]
 
     async def _open_whole(self, backend: Backend, body: dict[str, Any], walk: Walk, raw: bytes | None) -> Upstream:
         """Open and read the whole answer before any byte goes to the client, so a pre-empted

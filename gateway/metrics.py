@@ -38,6 +38,14 @@ class Metrics:
                               ["team", "backend", "direction"], registry=r)
         self.cost = Counter("switchyard_cost_dollars", "Hosted cost by team and backend", ["team", "backend"],
                             registry=r)
+        self.cached = Counter("switchyard_cached_prompt_tokens", "Prompt tokens a backend served from its cache "
+                              "(llama.cpp timings.cache_n); hit ratio = this / switchyard_tokens{direction=in}",
+                              ["backend", "role"], registry=r)
+        self.prompt = Counter("switchyard_prompt_tokens", "Prompt tokens of answers whose cache use is known",
+                              ["backend", "role"], registry=r)
+        self.ttft_error = Histogram("switchyard_ttft_prediction_error_ratio",
+                                    "|predicted - actual| / actual time to first byte, per answer", ["backend"],
+                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=r)
         self.queue_depth = Gauge("switchyard_queue_depth", "Requests waiting for a slot", ["backend"], registry=r)
         self.queue_busy = Gauge("switchyard_queue_busy", "Slots in use", ["backend"], registry=r)
         self._series: dict[tuple[str, ...], tuple[Any, ...]] = {}
@@ -66,6 +74,12 @@ class Metrics:
             tokens_out.inc(d.tokens_out)
             if d.cost:
                 self.cost.labels(d.team, backend).inc(d.cost)
+            if d.cached_tokens is not None:
+                self.cached.labels(backend, d.role or "unknown").inc(d.cached_tokens)
+                self.prompt.labels(backend, d.role or "unknown").inc(d.prompt_tokens or d.tokens_in)
+            if d.predicted_ttft_ms and d.first_byte_ms > d.queue_wait_ms and d.outcome == "ok":
+                actual = d.first_byte_ms - d.queue_wait_ms
+                self.ttft_error.labels(backend).observe(abs(d.predicted_ttft_ms - actual) / actual)
         for event in d.failover:
             self.failovers.labels(d.team, event.metric_kind).inc()
 

@@ -72,6 +72,8 @@ class Decision:
     queue_wait_ms: float = 0.0
     overhead_ms: float = 0.0
     first_byte_ms: float = 0.0
+    predicted_ttft_ms: float | None = None  # what the chosen backend was expected to take
+    cached_tokens: int | None = None  # prompt tokens the backend served from its cache (llama.cpp)
     total_ms: float = 0.0
     cost: float = 0.0
     at: float = field(default_factory=time.time)

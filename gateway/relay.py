@@ -35,31 +35,36 @@ class Outcome:
     failure: failures.UpstreamFailure | None = None
     client_gone: bool = False
     first_byte_s: float = 0.0
+    timings: dict[str, Any] | None = None  # llama.cpp's, when it sent them (cache_n, prompt_ms, ...)
 
 
-def _usage_from_json(body: bytes) -> dict[str, Any] | None:
+def _stats_from_json(body: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(usage, timings) of an answer or of the stream event that carries them."""
     try:
         data = json.loads(body)
     except ValueError:
-        return None
-    usage = data.get("usage") if isinstance(data, dict) else None
-    return usage if isinstance(usage, dict) else None
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    usage, timings = data.get("usage"), data.get("timings")
+    return (usage if isinstance(usage, dict) else None), (timings if isinstance(timings, dict) else None)
 
 
-def _usage_from_sse(chunk: bytes) -> dict[str, Any] | None:
-    """Parse only the `data:` line that carries the usage object."""
+def _stats_from_sse(chunk: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Parse only the `data:` line that carries the usage object (llama.cpp puts its timings there too)."""
     at = max(chunk.rfind(_USAGE), chunk.rfind(_USAGE_SPACED))
     if at < 0:
-        return None
+        return None, None
     start = chunk.rfind(b"data:", 0, at)
     end = chunk.find(b"\n", at)
-    return _usage_from_json(chunk[start + 5:end if end >= 0 else len(chunk)].strip())
+    return _stats_from_json(chunk[start + 5:end if end >= 0 else len(chunk)].strip())
 
 
 async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str, str],
                      started: float) -> tuple[web.StreamResponse, Outcome]:
     outcome = Outcome(first_byte_s=time.monotonic() - started)
-    outcome.usage = upstream.usage or _usage_from_json(upstream.first)
+    usage, outcome.timings = _stats_from_json(upstream.first)
+    outcome.usage = upstream.usage or usage
     await upstream.close()
     resp = web.Response(status=upstream.status, body=upstream.first, content_type="application/json",
                         headers=headers)
@@ -125,8 +130,12 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
         except (ConnectionResetError, ConnectionError):
             outcome.client_gone = True
             return resp, outcome
-    if outcome.usage is None:
-        outcome.usage = upstream.usage or (_usage_from_sse(usage_chunk) if usage_chunk else None)
+    if usage_chunk is not None:
+        usage, outcome.timings = _stats_from_sse(usage_chunk)
+        if outcome.usage is None:
+            outcome.usage = upstream.usage or usage
+    elif outcome.usage is None:
+        outcome.usage = upstream.usage
     try:
         await resp.write_eof()
     except (ConnectionResetError, ConnectionError):

@@ -15,6 +15,7 @@ from typing import Any
 from .backends.base import Backend
 from .backends.hosted import HostedBackend
 from .backends.llamacpp import LlamaCppBackend
+from .backends.speed import SpeedBook, Speeds, speeds_path
 from .breaker import CircuitBreaker
 from .ceiling import CrashCeilings, state_path
 from .classify import Classifier, RequestProfile
@@ -25,12 +26,13 @@ from .receive import ChatRequest
 from .teams import Teams
 
 
-def build_backend(name: str, cfg: Any, ceilings: CrashCeilings | None = None) -> Backend:
+def build_backend(name: str, cfg: Any, ceilings: CrashCeilings | None = None,
+                  speeds: Speeds | None = None) -> Backend:
     """The only place that maps a backend's config kind to its implementation."""
     if isinstance(cfg, LlamaCppConfig):
-        return LlamaCppBackend(name, cfg, ceilings)
+        return LlamaCppBackend(name, cfg, ceilings, speeds)
     if isinstance(cfg, LiteLLMBackend):
-        return HostedBackend(name, cfg)
+        return HostedBackend(name, cfg, speeds)
     raise TypeError(f"unknown backend config {type(cfg).__name__}")  # pragma: no cover
 
 
@@ -40,6 +42,7 @@ class Router:
     backends: dict[str, Backend]
     breakers: dict[str, CircuitBreaker]
     ceilings: CrashCeilings
+    speeds: SpeedBook
     teams: Teams
     classifier: Classifier
     decider: Decider
@@ -49,11 +52,12 @@ class Router:
         """`backends` replaces the configured ones (tests script them in-process)."""
         gw = settings.gateway
         ceilings = CrashCeilings(state_path(gw.data_dir))  # reads the file if there is one; never writes
+        speeds = SpeedBook(speeds_path(gw.data_dir))  # the same: read here, written by the runtime
         made = dict(backends) if backends is not None else {
-            n: build_backend(n, c, ceilings) for n, c in gw.backends.items()}
+            n: build_backend(n, c, ceilings, speeds.of(n)) for n, c in gw.backends.items()}
         breakers = {n: CircuitBreaker(n, c.breaker) for n, c in gw.backends.items() if c.breaker and n in made}
         teams = Teams(gw, policies_dir_of(settings.path, gw), dict(settings.policies), dict(settings.policy_files))
-        return cls(settings, made, breakers, ceilings, teams, Classifier(), Decider(made, breakers))
+        return cls(settings, made, breakers, ceilings, speeds, teams, Classifier(), Decider(made, breakers))
 
     @property
     def policy(self) -> Policy:

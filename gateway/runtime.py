@@ -37,6 +37,7 @@ log = logging.getLogger("switchyard")
 
 PROBE_INTERVAL = 1.0  # seconds between breaker probes / live-state refreshes
 REFRESH_EVERY = 15  # probe intervals between live n_ctx refreshes of healthy backends
+SAVE_EVERY = 60  # probe intervals between writes of the learned speeds
 TRIAL_AFTER = 2.0  # seconds a half-open circuit waits for an interactive trial before sending its own
 
 
@@ -69,7 +70,8 @@ class Runtime:
                     for n, c in gw.backends.items() if c.rate_limit_per_minute and n in router.backends}
         ledger = Ledger(ledger_path(gw.data_dir, gw.ledger_path))
         admission = Admission(ledger.spent_this_month(month_start()))
-        dispatcher = Dispatcher(router.backends, router.breakers, queues, limiters)
+        dispatcher = Dispatcher(router.backends, router.breakers, queues, limiters, router.speeds)
+        router.decider.queued = lambda name: (queues[name].busy + queues[name].waiting) if name in queues else 0
         return cls(settings, router, queues, limiters, dispatcher, Recorder(), ledger, admission)
 
     def __post_init__(self) -> None:
@@ -119,6 +121,8 @@ class Runtime:
                 "circuit_since": breaker.opened_wall if breaker and breaker.state != "closed" else None,
                 "queue": {"busy": queue.busy, "waiting": queue.waiting, "capacity": queue.capacity}
                 if queue else None,
+                "learned": self.router.speeds.of(name).as_dict(),
+                **b.report(),
             }
         return out
 
@@ -158,6 +162,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.ledger.stop()
+        await asyncio.to_thread(self.router.speeds.save)
         await self.router.close()
         await loopwatch.stop()
 
@@ -182,6 +187,8 @@ class Runtime:
             await asyncio.gather(*(self._watch(name, breaker) for name, breaker in self.breakers.items()))
             if tick % REFRESH_EVERY == 0:
                 await self.refresh_all()
+            if tick % SAVE_EVERY == 0:
+                await asyncio.to_thread(self.router.speeds.save)
 
     async def _watch(self, name: str, breaker: CircuitBreaker) -> None:
         """An open circuit is probed every interval (cheap: /health on our own box) so a restarted

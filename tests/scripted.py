@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import failures
-from gateway.backends.base import Fit, FitQuery, ProbeResult, Upstream
+from gateway.backends.base import Estimate, Fit, FitQuery, ProbeResult, Upstream
 from gateway.config import BackendBase
 
 
@@ -93,11 +93,14 @@ class ScriptedBackend:
     free: bool = True
     window: int | None = None
     exact: int | None = None  # what count_tokens answers
+    method: str = "bytes"  # how fit() says it knew the size when there is no exact count
     place: str = "local"
     unusable: str | None = None
     calls: list[Call] = field(default_factory=list)
     closed: int = 0  # upstreams closed (client gone, end, failover)
     learned: list[tuple[str, int]] = field(default_factory=list)
+    predicted: float | None = None  # what estimate() answers (seconds to first byte)
+    evicting: str | None = None  # what evicts() answers
 
     @property
     def context_window(self) -> int | None:
@@ -109,11 +112,20 @@ class ScriptedBackend:
         tokens = self.exact if self.exact is not None else q.size.estimate
         limit = min(n for n in (self.window, q.ceiling) if n) if self.free else self.window
         ok = tokens + (q.reserve if self.free else 0) <= limit
-        return Fit(ok, tokens, "exact" if self.exact is not None else "estimate", limit,
+        return Fit(ok, tokens, "exact" if self.exact is not None else self.method, limit,
                    "" if ok else f"{tokens:,} tokens > {self.name} ceiling {limit:,}")
 
     def learn(self, failure: failures.UpstreamFailure, tokens_in: int) -> None:
         self.learned.append((str(failure.kind), tokens_in))
+
+    def estimate(self, q: FitQuery, queued: int) -> Estimate:
+        return Estimate(self.predicted, {"queued": queued})
+
+    def evicts(self, q: FitQuery) -> str | None:
+        return self.evicting
+
+    def report(self) -> dict[str, Any]:
+        return {}
 
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
                    raw: bytes | None = None) -> Upstream:

@@ -32,6 +32,7 @@ class Upstream:
     rest: AsyncIterator[bytes]
     close: Callable[[], Awaitable[None]]
     usage: dict[str, Any] | None = None  # set by backends that see usage as objects (hosted)
+    settle: Callable[[AnswerStats], None] | None = None  # the backend's own bookkeeping for this answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +43,32 @@ class ProbeResult:
 
 @dataclass(frozen=True, slots=True)
 class FitQuery:
-    """What a backend needs to judge whether a request fits it."""
+    """What a backend needs to judge whether a request fits it, and how soon it would answer."""
 
     body: dict[str, Any]
     size: TokenSize
     reserve: int  # tokens kept free for the answer
     ceiling: int | None = None  # the policy's safe ceiling for servers we run ourselves
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A backend's own guess of its time to first byte, with its parts for `explain`."""
+
+    seconds: float | None  # None: nothing learned yet
+    parts: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerStats:
+    """What an answer showed, handed back to the backend that gave it (it learns from it)."""
+
+    first_byte_s: float
+    total_s: float
+    usage: dict[str, Any] | None
+    timings: dict[str, Any] | None
+    ok: bool
 
 
 @dataclass(slots=True)
@@ -80,11 +101,20 @@ class Backend(Protocol):
 
     def learn(self, failure: UpstreamFailure, tokens_in: int) -> None: ...
 
+    def estimate(self, q: FitQuery, queued: int) -> Estimate:
+        """Time to first byte if sent now, with `queued` requests ahead of it on this backend."""
+
+    def evicts(self, q: FitQuery) -> str | None:
+        """Why serving this now would throw away a warm conversation's cache (None: it would not)."""
+
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
                    raw: bytes | None = None) -> Upstream:
         """`raw`, when given, is `body` already encoded (the client's own bytes): send it as is."""
 
     async def count_tokens(self, body: dict[str, Any]) -> int | None: ...
+
+    def report(self) -> dict[str, Any]:
+        """What the backend knows about itself for /readyz and the status page (e.g. cache hit ratio)."""
 
     async def start(self) -> None:
         """Get ready to serve without blocking the event loop (slow imports go to a thread)."""

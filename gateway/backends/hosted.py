@@ -17,7 +17,8 @@ from typing import Any
 from .. import catalog, failures
 from ..config import LiteLLMBackend as LiteLLMConfig
 from ..tokens import count_tiktoken
-from .base import Fit, FitQuery, ProbeResult, Upstream, empty_rest
+from .base import Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
+from .speed import Speeds
 
 # Otherwise litellm downloads its price map at import and retries for seconds when offline.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -44,9 +45,10 @@ class HostedBackend:
     place = "hosted"
     free = False  # billed per token: budgets apply
 
-    def __init__(self, name: str, config: LiteLLMConfig) -> None:
+    def __init__(self, name: str, config: LiteLLMConfig, speeds: Speeds | None = None) -> None:
         self.name = name
         self.config = config
+        self.speeds = speeds or Speeds()
         self.info = catalog.lookup(config.model)
 
     @property
@@ -145,6 +147,16 @@ class HostedBackend:
 
     def learn(self, failure: failures.UpstreamFailure, tokens_in: int) -> None:
         return None  # a provider reports its own limits
+
+    def estimate(self, q: FitQuery, queued: int) -> Estimate:
+        """A provider's recent time to first byte (it prefills far faster than our box)."""
+        return Estimate(self.speeds.first_byte, {"recent_first_byte_s": self.speeds.first_byte})
+
+    def evicts(self, q: FitQuery) -> str | None:
+        return None
+
+    def report(self) -> dict[str, Any]:
+        return {}
 
     async def count_tokens(self, body: dict[str, Any]) -> int:
         return await asyncio.to_thread(count_tiktoken, body)  # ~16 ms for 350 KB: off the event loop

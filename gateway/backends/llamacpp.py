@@ -15,6 +15,7 @@ ceiling (ceiling.py) that later requests stay below.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -27,7 +28,9 @@ from ..ceiling import CrashCeilings
 from ..config import LlamaCppBackend as LlamaCppConfig
 from ..loopwatch import watch as loopwatch
 from .assemble import assemble, sse_objects
-from .base import Fit, FitQuery, ProbeResult, Upstream, empty_rest
+from .base import AnswerStats, Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
+from .prefix import Plan, SlotCache
+from .speed import Speeds
 
 _JSON = {"Content-Type": "application/json"}
 log = logging.getLogger("switchyard")
@@ -37,10 +40,13 @@ class LlamaCppBackend:
     place = "local"
     free = True  # our own hardware: no per-token cost
 
-    def __init__(self, name: str, config: LlamaCppConfig, ceilings: CrashCeilings | None = None) -> None:
+    def __init__(self, name: str, config: LlamaCppConfig, ceilings: CrashCeilings | None = None,
+                 speeds: Speeds | None = None) -> None:
         self.name = name
         self.config = config
         self.ceilings = ceilings
+        self.speeds = speeds or Speeds()
+        self.cache = SlotCache(config.hot_for)
         self.url = config.url
         self.live_n_ctx: int | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -115,6 +121,9 @@ class LlamaCppBackend:
 
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
                    raw: bytes | None = None) -> Upstream:
+        plan = self.cache.plan(body, headers.get("x-session-id"))
+        if plan.pin:  # several slots: the one holding this prefix, or one no hot conversation owns
+            body, raw = {**body, "id_slot": plan.slot}, None
         if stream:
             data = raw if raw is not None else json.dumps(body).encode()
         else:
@@ -130,7 +139,9 @@ class LlamaCppBackend:
                         raw = await resp.read()
                         raise failures.from_status(self.name, resp.status, resp.headers, raw)
                     if not stream:
-                        return await self._assembled(resp)
+                        upstream = await self._assembled(resp)
+                        upstream.settle = functools.partial(self._settled, plan)
+                        return upstream
                     chunks = resp.content.iter_any()
                     first = await anext(chunks, b"")
                     if not first:
@@ -148,7 +159,41 @@ class LlamaCppBackend:
                                            f"no first byte within {t.first_byte:g}s") from e
         except Exception as e:
             raise failures.from_exception(self.name, e) from e
-        return Upstream(200, first, _guarded(self.name, chunks, _Watchdog(resp, t.idle, t.total)), _closer(resp))
+        return Upstream(200, first, _guarded(self.name, chunks, _Watchdog(resp, t.idle, t.total)), _closer(resp),
+                        settle=functools.partial(self._settled, plan))
+
+    def _settled(self, plan: Plan, stats: AnswerStats) -> None:
+        """Learn from an answer: what the slot now holds, how good the prediction was, the rates."""
+        if not stats.ok:
+            return
+        self.cache.settled(plan, stats.usage, stats.timings)
+        timings = stats.timings or {}
+        prompt_n, prompt_ms = timings.get("prompt_n"), timings.get("prompt_ms")
+        if isinstance(prompt_n, int) and isinstance(prompt_ms, (int, float)):
+            self.speeds.observe_prefill(prompt_n, prompt_ms / 1000)
+        if isinstance(timings.get("predicted_per_second"), (int, float)):
+            self.speeds.observe_decode(float(timings["predicted_per_second"]))
+
+    def estimate(self, q: FitQuery, queued: int) -> Estimate:
+        """Queue ahead (learned service time each) + uncached tokens at the learned prefill rate."""
+        tokens = q.size.estimate
+        cached = self.cache.plan(q.body, q.session).predicted_cached
+        uncached = max(0, tokens - cached)
+        rate = self.speeds.prefill_rate(tokens)
+        queue_s = queued * (self.speeds.service or 0.0)
+        parts: dict[str, Any] = {"queued": queued, "queue_s": round(queue_s, 3), "cached_tokens": cached,
+                                 "uncached_tokens": uncached, "prefill_tok_s": round(rate, 1) if rate else None}
+        return Estimate(queue_s + uncached / rate if rate else None, parts)
+
+    def evicts(self, q: FitQuery) -> str | None:
+        return self.cache.evicts(q.body, q.session)
+
+    def report(self) -> dict[str, Any]:
+        cache = self.cache
+        if not cache.prompt_tokens:
+            return {"slots": cache.memory.slots}
+        return {"slots": cache.memory.slots, "cache_hit_ratio": round(cache.cached_tokens / cache.prompt_tokens, 3),
+                "cache_prediction_error": cache.accuracy()}
 
     async def _assembled(self, resp: aiohttp.ClientResponse) -> Upstream:
         events = sse_objects(await resp.read())
@@ -198,7 +243,10 @@ class LlamaCppBackend:
         return fit
 
     def learn(self, failure: failures.UpstreamFailure, tokens_in: int) -> None:
-        """A crash on a large request teaches a size ceiling; a small one is a broken server."""
+        """A crash on a large request teaches a size ceiling; a small one is a broken server. Either
+        way the server restarts empty: every slot's cached prefix is gone."""
+        if failure.kind is failures.Kind.CRASH:
+            self.cache.memory.forget()
         if (self.ceilings is not None and failure.kind is failures.Kind.CRASH
                 and tokens_in >= self.config.learn_min_tokens):
             self.ceilings.learn(self.name, tokens_in)
@@ -261,6 +309,8 @@ class LlamaCppBackend:
                     if r.status == 200:
                         props = await r.json()
                         n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
+                        if isinstance(props.get("total_slots"), int) and props["total_slots"] > 0:
+                            self.cache.memory.slots = props["total_slots"]
                         if n_ctx:
                             self.live_n_ctx = int(n_ctx)
                         return ProbeResult(True, "ready")

@@ -124,6 +124,51 @@ async def test_session_that_outgrew_local_stays_hosted(tmp_path: Path) -> None:
     assert other.steps[0].backend == "local"
 
 
+async def test_a_size_only_estimated_never_pins_a_session(tmp_path: Path) -> None:
+    # Seen with opencode: local down, the exact count failed, the estimate said "too big", and the
+    # session was pinned to hosted for hours — it never came back to local after the crash.
+    settings = scripted_settings(tmp_path)
+    backends = scripted_backends(settings, local_window=2000)
+    backends["local"].method = "estimate"
+    r = Router.build(settings, backends)
+    sid = {"x-session-id": "ses_1"}
+    assert (await decide(r, chat("x" * 20_000), sid)).steps[0].backend == "hosted"
+    assert (await decide(r, chat(), sid)).steps[0].backend == "local"
+
+
+async def test_a_compaction_releases_the_pin(tmp_path: Path) -> None:
+    r = router(tmp_path, local_window=2000)
+    sid = {"x-session-id": "ses_1"}
+    await decide(r, chat("x" * 20_000), sid)
+    await decide(r, COMPACTION, sid)
+    assert (await decide(r, chat(), sid)).steps[0].backend == "local"
+
+
+async def test_background_work_spares_a_hot_conversations_cache_when_it_can(tmp_path: Path) -> None:
+    settings = scripted_settings(tmp_path)
+    backends = scripted_backends(settings)
+    backends["local"].evicting = "keeps ses_a's 2,300 cached tokens warm"
+    r = Router.build(settings, backends)
+    title = await decide(r, TITLE)
+    assert [s.backend for s in title.steps] == ["hosted"] and "keeps ses_a" in title.reason
+    assert [s.backend for s in (await decide(r, chat())).steps] == ["local", "hosted"]  # a turn is not moved
+    backends["hosted"].unusable = "no key"
+    assert [s.backend for s in (await decide(r, TITLE)).steps] == ["local"]  # nowhere else: it runs
+
+
+async def test_prefer_fastest_within_the_cost_guard(tmp_path: Path) -> None:
+    policy = {"rules": [{"route": ["local", "hosted"], "prefer": "fastest", "min_saving": 2.0}]}
+    settings = scripted_settings(tmp_path, policy)
+    backends = scripted_backends(settings)
+    r = Router.build(settings, backends)
+    backends["local"].predicted, backends["hosted"].predicted = 3.0, 1.5
+    assert (await decide(r, chat())).steps[0].backend == "local"  # saves 1.5 s < 2 s: stay free
+    backends["local"].predicted = 9.0
+    route = await decide(r, chat())
+    assert route.steps[0].backend == "hosted" and "predicted first" in route.reason
+    assert route.steps[0].predicted == 1.5
+
+
 # ---- llama.cpp's own fit: strict bounds, exact count near the ceiling, learned crash ceiling ----
 
 class Counted(LlamaCppBackend):

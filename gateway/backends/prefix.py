@@ -1,0 +1,162 @@
+"""What each llama.cpp slot holds: a fingerprint of the prompt prefix it last processed.
+
+Switchyard sends every request the local server sees, so it can remember, per slot, the chain of
+hashes of the last prompt's messages (tools and system first: templates render them at the top) and
+how many tokens that prompt was. A new request's cached tokens are predicted from the longest
+matching chain — the tokens of the matching messages, scaled by their share of the last prompt's
+bytes — and the prediction is checked against llama.cpp's own `timings.cache_n`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    hashes: tuple[bytes, ...]  # cumulative: hashes[i] covers tools + messages[0..i]
+    sizes: tuple[int, ...]  # cumulative bytes up to each message
+
+    def common(self, other: Prefix) -> int:
+        """How many leading messages the two prompts share."""
+        n = 0
+        for a, b in zip(self.hashes, other.hashes, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
+def fingerprint(body: dict[str, Any]) -> Prefix:
+    h = hashlib.blake2b(digest_size=16)
+    if body.get("tools"):
+        h.update(json.dumps(body["tools"], sort_keys=True).encode())
+    hashes, sizes, total = [], [], 0
+    for m in body.get("messages") or ():
+        piece = json.dumps(m, sort_keys=True, ensure_ascii=False).encode("utf-8", "replace")
+        h.update(piece)
+        total += len(piece)
+        hashes.append(h.copy().digest())
+        sizes.append(total)
+    return Prefix(tuple(hashes), tuple(sizes))
+
+
+@dataclass
+class Held:
+    prefix: Prefix
+    tokens: int  # the prompt's tokens as the server counted them
+    session: str | None
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SlotMemory:
+    slots: int = 1
+    held: dict[int, Held] = field(default_factory=dict)
+    errors: list[float] = field(default_factory=list)  # |predicted - actual| / max(actual, 1), last 200
+
+    def predict(self, prefix: Prefix) -> tuple[int, int]:
+        """(slot, cached tokens predicted) for the slot holding the longest matching prefix."""
+        best_slot, best = 0, 0
+        for slot, held in self.held.items():
+            n = prefix.common(held.prefix)
+            if n == 0 or not held.prefix.sizes:
+                continue
+            shared_bytes = held.prefix.sizes[n - 1]
+            tokens = int(held.tokens * shared_bytes / held.prefix.sizes[-1])
+            if tokens > best:
+                best_slot, best = slot, tokens
+        return best_slot, best
+
+    def coldest(self, hot_for: float) -> int | None:
+        """A slot no conversation used within `hot_for` seconds (the least recently used), or None."""
+        now = time.monotonic()
+        free = [s for s in range(self.slots) if s not in self.held]
+        if free:
+            return free[0]
+        cold = [(h.at, s) for s, h in self.held.items() if now - h.at > hot_for]
+        return min(cold)[1] if cold else None
+
+    def hot(self, slot: int, hot_for: float) -> Held | None:
+        held = self.held.get(slot)
+        return held if held is not None and held.session and time.monotonic() - held.at <= hot_for else None
+
+    def remember(self, slot: int, prefix: Prefix, tokens: int, session: str | None) -> None:
+        self.held[slot] = Held(prefix, tokens, session)
+
+    def score(self, predicted: int, actual: int) -> None:
+        self.errors.append(abs(predicted - actual) / max(actual, 1))
+        del self.errors[:-200]
+
+    def forget(self) -> None:
+        """The server restarted (a crash): every slot is empty."""
+        self.held.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where one request goes on the server and what we expect of it."""
+
+    slot: int
+    prefix: Prefix
+    predicted_cached: int
+    session: str | None
+    pin: bool  # send `id_slot` (the server has several slots)
+
+
+class SlotCache:
+    """The slot memory of one llama.cpp server plus what it is worth: predicted cached tokens, the
+    time a miss costs (uncached tokens / learned prefill rate), and whether a request would evict a
+    conversation that is still being used (`hot_for`)."""
+
+    def __init__(self, hot_for: float) -> None:
+        self.hot_for = hot_for
+        self.memory = SlotMemory()
+        self.cached_tokens = 0  # served from cache, summed (for the hit ratio)
+        self.prompt_tokens = 0
+
+    def plan(self, body: dict[str, Any], session: str | None) -> Plan:
+        prefix = fingerprint(body)
+        slot, cached = self.memory.predict(prefix)
+        if self.memory.slots > 1 and cached == 0:
+            # a new conversation or a background task: a slot no hot conversation owns
+            slot = self.memory.coldest(self.hot_for)
+            if slot is None:  # all hot: the least recently used one
+                slot = min(self.memory.held.items(), key=lambda kv: kv[1].at)[0]
+        return Plan(slot, prefix, cached, session, self.memory.slots > 1)
+
+    def evicts(self, body: dict[str, Any], session: str | None) -> str | None:
+        """Why serving this request now would throw away a warm conversation's prefix, or None."""
+        plan = self.plan(body, session)
+        if plan.predicted_cached:
+            return None  # it continues a cached prefix: nothing to lose
+        held = self.memory.hot(plan.slot, self.hot_for)
+        if held is None or held.session == session:
+            return None
+        return f"keeps {held.session}'s {held.tokens:,} cached tokens warm"
+
+    def settled(self, plan: Plan, usage: dict[str, Any] | None, timings: dict[str, Any] | None) -> int | None:
+        """Learn from the answer; returns llama.cpp's actual cached tokens when it said."""
+        timings = timings or {}
+        cache_n = timings.get("cache_n")
+        prompt_n = timings.get("prompt_n")
+        tokens = (usage or {}).get("prompt_tokens")
+        if tokens is None and isinstance(cache_n, int) and isinstance(prompt_n, int):
+            tokens = cache_n + prompt_n
+        if isinstance(tokens, int) and tokens > 0:
+            self.memory.remember(plan.slot, plan.prefix, tokens, plan.session)
+            self.prompt_tokens += tokens
+        if isinstance(cache_n, int):
+            self.memory.score(plan.predicted_cached, cache_n)
+            self.cached_tokens += cache_n
+            return cache_n
+        return None
+
+    def accuracy(self) -> float | None:
+        """Median relative error of the cached-token predictions (None before any)."""
+        errs = sorted(self.memory.errors)
+        return errs[len(errs) // 2] if errs else None
