@@ -83,7 +83,7 @@ class SlotMemory:
 
     def hot(self, slot: int, hot_for: float) -> Held | None:
         held = self.held.get(slot)
-        return held if held is not None and held.session and time.monotonic() - held.at <= hot_for else None
+        return held if held is not None and time.monotonic() - held.at <= hot_for else None
 
     def remember(self, slot: int, prefix: Prefix, tokens: int, session: str | None) -> None:
         self.held[slot] = Held(prefix, tokens, session)
@@ -135,9 +135,11 @@ class SlotCache:
         if plan.predicted_cached:
             return None  # it continues a cached prefix: nothing to lose
         held = self.memory.hot(plan.slot, self.hot_for)
-        if held is None or held.session == session:
+        if held is None:
             return None
-        return f"keeps {held.session}'s {held.tokens:,} cached tokens warm"
+        # Even the same chat's own title would evict it: the title's prompt is not the conversation's.
+        who = f"{held.session}'s" if held.session else "a conversation's"
+        return f"keeps {who} {held.tokens:,} cached tokens warm"
 
     def settled(self, plan: Plan, usage: dict[str, Any] | None, timings: dict[str, Any] | None) -> int | None:
         """Learn from the answer; returns llama.cpp's actual cached tokens when it said."""
