@@ -3,7 +3,7 @@
 A request the real llama-server cannot parse (it answers 500 "Failed to parse ...") is the
 client's: 400, never retried, never counted. A provider that rejects the gateway's key is a
 backend failure of kind `auth`: it fails over, counts against the breaker, and is never passed to
-the client as *their* authentication error. The fast table tests are tests/test_failures_unit.py.
+the client as *their* authentication error. The fast table tests are tests/unit/test_failures_unit.py.
 """
 
 from __future__ import annotations
