@@ -11,6 +11,7 @@ tests/test_hosted_relay.py checks the two agree on the same events.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 _DONE = b"data: [DONE]\n\n"
@@ -22,6 +23,15 @@ _TEXT_DELTAS = {
     "response.reasoning_text.delta": "reasoning_content",
     "response.refusal.delta": "refusal",
 }
+
+
+def _call_id(item: dict[str, Any]) -> Any:
+    """litellm's rule (`tool_call_id_from_responses_item`): `call_id` is the correlation key, unless it
+    is a per-response index such as `call_0` (Bedrock Mantle), which would collide across turns."""
+    call_id = item.get("call_id")
+    if call_id and re.fullmatch(r"call_\d+", str(call_id)) is None:
+        return call_id
+    return item.get("id") or call_id or ""
 
 
 def chat_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -145,7 +155,7 @@ class ResponsesToChat:
         at = ev.get("output_index", len(self._tools))
         if added:
             self._tools[at] = tool = [len(self._tools), False]
-            call = {"index": tool[0], "id": item.get("call_id") or item.get("id"), "type": "function",
+            call = {"index": tool[0], "id": _call_id(item), "type": "function",
                     "function": {"name": item.get("name") or "", "arguments": item.get("arguments") or ""}}
             tool[1] = bool(item.get("arguments"))
             return self._delta({"tool_calls": [call]})
@@ -184,7 +194,7 @@ def response_to_completion(obj: dict[str, Any], model: str) -> dict[str, Any]:
         elif kind == "reasoning":
             reasoning += [s.get("text") or "" for s in item.get("summary") or []]
         elif kind == "function_call":
-            calls.append({"id": item.get("call_id") or item.get("id"), "type": "function",
+            calls.append({"id": _call_id(item), "type": "function",
                           "function": {"name": item.get("name") or "", "arguments": item.get("arguments") or ""}})
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
     if reasoning:
