@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import yarl
 
 from .. import failures
 from ..config import LlamaCppBackend as LlamaCppConfig
@@ -34,6 +35,8 @@ class LlamaCppBackend:
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
         self._count_route: str | None = None  # which token-count API this server has
+        self._chat_url: yarl.URL | None = None
+        self._chat_base = ""
 
     def _new_session(self, force_close: bool) -> aiohttp.ClientSession:
         t = self.config.timeouts
@@ -41,6 +44,7 @@ class LlamaCppBackend:
             connector=aiohttp.TCPConnector(force_close=force_close, limit=0),
             timeout=aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.idle),
             skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),  # llama-server sets no cookies: skip the jar per request
         )
 
     @property
@@ -57,7 +61,10 @@ class LlamaCppBackend:
         return self._fresh
 
     async def _post(self, data: bytes) -> aiohttp.ClientResponse:
-        url = f"{self.url}/v1/chat/completions"
+        if self._chat_url is None or self._chat_base != self.url:  # parsed once, not per request
+            self._chat_base = self.url
+            self._chat_url = yarl.URL(f"{self.url}/v1/chat/completions")
+        url = self._chat_url
         if not self.config.keep_alive:
             return await self.session.post(url, data=data, headers=_JSON)
         try:
