@@ -480,7 +480,8 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path, stack:
                                          "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     gport = free_port()
     cfg = switchyard_config(workdir / "switchyard", sport)
-    gw = stack.spawn("switchyard", switchyard_argv(cfg, gport), gport, env=env, cwd=ROOT)
+    gw_env = {**env, "PYTHONPATH": str(args.src.resolve())} if args.src else env
+    gw = stack.spawn("switchyard", switchyard_argv(cfg, gport), gport, env=gw_env, cwd=ROOT)
     if nginx:
         await wait_http(nginx, "/health", 20)
         targets.append(Target("nginx", nginx.port, "gpt-5-nano", nginx, "fast"))
@@ -493,8 +494,9 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path, stack:
     await wait_http(gw, "/v1/chat/completions", 120, method="POST",
                     body=json.dumps(bodies.small_turn("hosted", False)).encode())
     targets.append(Target("switchyard_local", gport, "local", gw, "fast"))
-    targets.append(Target("switchyard_hosted", gport, "hosted", gw, "mid"))
-    targets.append(Target("switchyard_responses", gport, "hosted_responses", gw, "mid"))
+    hosted_speed = "slow" if args.src else "mid"  # older gateways ran every hosted chunk through litellm
+    targets.append(Target("switchyard_hosted", gport, "hosted", gw, hosted_speed))
+    targets.append(Target("switchyard_responses", gport, "hosted_responses", gw, hosted_speed))
     log(f"bench: {plan.mode} run, {plan.rounds} round(s) over {', '.join(t.name for t in targets)}")
 
     summary = await compare(plan, targets, standin, failures)
@@ -509,7 +511,7 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path, stack:
         f"({cls['route']}, {cls['tokens_method']}); {cls['with_exact']['total']['p50_ms']:.1f} ms with exact count")
 
     log("bench: launch and memory")
-    mem = await memory_and_launch(plan, stack, workdir, env, failures)
+    mem = await memory_and_launch(plan, stack, workdir, gw_env, failures)
 
     saturated = sorted({f"{n} {k}" for n, kinds in summary.items() for k, s in kinds.items()
                         if (s["client_busy_max"] or 0) >= 0.9})
@@ -572,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="profile the gateway with py-spy (full: automatic "
                    "when a Switchyard goal is missed)")
     p.add_argument("--no-profile", action="store_true", help="never profile")
+    p.add_argument("--src", type=Path, help="measure the gateway/ package in this directory instead (a before/after "
+                   "on the same machine: `git archive COMMIT gateway | tar -x -C DIR`)")
     args = p.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.rounds:
