@@ -348,3 +348,23 @@ async def test_gateway_relays_a_chat_provider_with_usage_and_cost(make_gateway: 
     assert fake.requests[-1].headers["x-opencode-session"] == "ses_gw"
     assert fake.requests[-1].json["model"] == "gpt-5-nano"
     assert gw.last.tokens_out > 0 and gw.last.cost > 0
+
+
+# ---- which wire each provider gets --------------------------------------------------------------
+
+@pytest.mark.parametrize(("model", "mode", "url"), [
+    ("openai/gpt-5-nano", "chat", "https://api.openai.com/v1/chat/completions"),
+    ("groq/llama-3.1-8b-instant", "chat", "https://api.groq.com/openai/v1/chat/completions"),
+    ("openai/responses/gpt-5-nano", "responses", "https://api.openai.com/v1/responses"),
+    ("anthropic/claude-sonnet-4-5", "litellm", ""),
+])
+def test_litellm_decides_the_wire_and_the_url(model: str, mode: str, url: str) -> None:
+    from gateway.backends.litellm_wire import ProviderWire
+
+    cfg = LiteLLMBackend(kind="litellm", model=model, api_key_env="TEST_HOSTED_KEY")
+    req = ProviderWire(load_litellm(), cfg).build(body(model, stream=True), {"x-opencode-session": "s"}, True)
+    assert (req.mode, req.url) == (mode, url)
+    if mode != "litellm":
+        assert req.headers["Authorization"] == "Bearer sk-test-hosted-key-never-logged"
+        assert req.headers["x-opencode-session"] == "s"
+        assert json.loads(req.body)["stream"] is True

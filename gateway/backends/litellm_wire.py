@@ -63,7 +63,11 @@ class ProviderWire:
                                                                       api_key=cfg.api_key)
         self.model, self.provider = model, provider
         self.api_base: str | None = cfg.api_base or dyn_base
-        self.chat_config = ProviderConfigManager.get_provider_chat_config(model=model, provider=LlmProviders(provider))
+        try:
+            self.chat_config = ProviderConfigManager.get_provider_chat_config(model=model,
+                                                                             provider=LlmProviders(provider))
+        except (ValueError, KeyError):  # a provider litellm handles only inside completion(): not relayed
+            self.chat_config = None
         getter = getattr(self.chat_config, "get_api_key", None)
         self.api_key: str | None = cfg.api_key or dyn_key or (getter() if callable(getter) else None)
         if provider == "openai" and self.api_base is None:
