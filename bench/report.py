@@ -214,7 +214,8 @@ the LiteLLM proxy venv are installed; `python -m bench.run --smoke` checks every
 
 - **upstream stand-in** (`bench/standin.py`): a raw-asyncio HTTP/1.1 server in OpenAI's wire format — a
   canned chat completion, or a 200-chunk SSE stream with a usage chunk and `data: [DONE]`, one write per
-  chunk; it answers `/health` and `/props` like llama-server.
+  chunk; the same answer in the Responses API's shape at `/v1/responses` (200 events); it answers `/health`
+  and `/props` like llama-server, and under `/llama/` closes every chat connection as llama-server does.
 - **direct**: the load generator talks to the stand-in itself — the floor every "added" number is taken from.
 - **nginx**: `proxy_pass` with one worker, upstream keep-alive, `proxy_buffering off`.
 - **LiteLLM proxy** 1.110.2: one worker, no database, no master key, quiet logging (its own venv:

@@ -542,6 +542,7 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path, stack:
     return {"summary": summary, "derived": derived, "classification": cls, "memory": mem, "profile": prof,
             "goals": goal_list, "targets": [t.name for t in targets],
             "versions": {"nginx": _nginx_version(nginx_exe), "git": _git(),
+                         "gateway_src": str(args.src) if args.src else None,
                          "litellm_proxy_venv": str(tools.VENV) if litellm_exe else None}}
 
 
