@@ -15,6 +15,7 @@ UPSTREAM_KEY_ENV = "SWITCHYARD_BENCH_UPSTREAM_KEY"
 
 def switchyard_config(directory: Path, upstream_port: int, *, n_ctx: int = 32768, concurrency: int = 64) -> Path:
     url = f"http://{HOST}:{upstream_port}"
+    timeouts = {"connect": 2, "first_byte": 60, "idle": 60, "total": 300}
     gateway = {
         "listen": {"host": HOST, "port": 0},
         "body_limit_bytes": 16 * 1024 * 1024,
@@ -22,14 +23,16 @@ def switchyard_config(directory: Path, upstream_port: int, *, n_ctx: int = 32768
         "data_dir": str(directory / "data"),
         "backends": {
             # A llama-server with enough slots for the load (-np 64): the queue is there but never waits.
-            # keep_alive: the stand-in (like a proxy in front of llama.cpp) keeps connections open, and
-            # nginx here reuses its upstream connections too; same footing for both.
-            "local": {"kind": "llamacpp", "url": url, "embedded": False, "max_concurrency": concurrency,
-                      "context_limit": n_ctx, "keep_alive": True,
-                      "timeouts": {"connect": 2, "first_byte": 60, "idle": 60, "total": 300}},
+            # Like the real one, the stand-in's /llama routes close every chat connection, so the gateway
+            # opens a fresh upstream connection per request (the default, keep_alive: false).
+            "local": {"kind": "llamacpp", "url": f"{url}/llama", "embedded": False, "max_concurrency": concurrency,
+                      "context_limit": n_ctx, "timeouts": timeouts},
+            # An OpenAI chat-completions provider: litellm builds the request, the answer's bytes are relayed.
             "hosted": {"kind": "litellm", "model": "openai/gpt-5-nano", "api_base": f"{url}/v1",
-                       "api_key_env": UPSTREAM_KEY_ENV,
-                       "timeouts": {"connect": 2, "first_byte": 60, "idle": 60, "total": 300}},
+                       "api_key_env": UPSTREAM_KEY_ENV, "timeouts": timeouts},
+            # A Responses-only model (what switchyard.yaml ships for zen): each event translated.
+            "hosted_responses": {"kind": "litellm", "model": "openai/responses/gpt-5-nano", "api_base": f"{url}/v1",
+                                 "api_key_env": UPSTREAM_KEY_ENV, "timeouts": timeouts},
         },
     }
     policy = {"team": "default", "output_reserve": 4096, "max_queue_wait": 60,

@@ -31,7 +31,8 @@ SCENARIOS = {  # name: (model, stream, concurrency)
     "local_json": ("local", False, 32),
     "local_stream": ("local", True, 32),
     "hosted_json": ("hosted", False, 32),
-    "hosted_stream": ("hosted", True, 4),
+    "hosted_stream": ("hosted", True, 32),
+    "responses_stream": ("hosted_responses", True, 32),
 }
 # Leaves that are a thread waiting, which py-spy's idle detection lets through (a pool worker blocked
 # in the C SimpleQueue.get, a Condition wait): dropped, so percentages are of real work.

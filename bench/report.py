@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = ("direct", "nginx", "litellm_proxy", "switchyard_local", "switchyard_hosted")
+ORDER = ("direct", "nginx", "litellm_proxy", "switchyard_local", "switchyard_hosted", "switchyard_responses")
 LABELS = {"direct": "direct (no proxy)", "nginx": "nginx `proxy_pass`", "litellm_proxy": "LiteLLM proxy",
-          "switchyard_local": "**Switchyard local**", "switchyard_hosted": "**Switchyard hosted**"}
+          "switchyard_local": "**Switchyard local**", "switchyard_hosted": "**Switchyard hosted (chat relay)**",
+          "switchyard_responses": "**Switchyard hosted (Responses)**"}
+# docs/performance.md keeps everything below this line across bench runs (before/after, designs).
+KEEP_MARKER = "<!-- written by hand below: bench.report keeps it -->"
 PLAIN = {k: v.replace("*", "").replace("`", "") for k, v in LABELS.items()}
 
 
@@ -70,8 +73,9 @@ def tables(doc: dict[str, Any]) -> str:
     out.append("")
     out.append("### Ratios to the baselines measured in the same run\n")
     out.append("| target | p50 vs direct | added p50 vs nginx | added p50 vs LiteLLM proxy | req/s vs nginx "
-               "| req/s vs LiteLLM proxy | CPU/req vs nginx | CPU/req vs LiteLLM proxy | streams/s vs LiteLLM proxy |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+               "| req/s vs LiteLLM proxy | CPU/req vs nginx | CPU/req vs LiteLLM proxy "
+               "| streams/s C=1 vs LiteLLM proxy | streams/s C=32 vs LiteLLM proxy | CPU/stream vs LiteLLM proxy |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in ts:
         if t == "direct":
             continue
@@ -82,7 +86,9 @@ def tables(doc: dict[str, Any]) -> str:
                    f"{f_ratio(r['rps_c32']['vs_nginx'])} | {f_ratio(r['rps_c32']['vs_litellm_proxy'])} | "
                    f"{f_ratio(r['cpu_ms_per_request']['vs_nginx'])} | "
                    f"{f_ratio(r['cpu_ms_per_request']['vs_litellm_proxy'])} | "
-                   f"{f_ratio(r['streams_per_s_c1']['vs_litellm_proxy'])} |")
+                   f"{f_ratio(r['streams_per_s_c1']['vs_litellm_proxy'])} | "
+                   f"{f_ratio(r['streams_per_s_c32']['vs_litellm_proxy'])} | "
+                   f"{f_ratio(r['cpu_ms_per_stream']['vs_litellm_proxy'])} |")
     out.append("")
     rounds = {t: s[t]["json_c32"]["rate_by_round"] for t in ts}
     out.append("Requests/s at C=32 by round (drift check): " + "; ".join(
@@ -191,6 +197,7 @@ def markdown(doc: dict[str, Any], results_rel: str, png_rel: str) -> str:
     mc = doc["machine"]
     pl = doc["plan"]
     fast, slow = pl["fast"], pl["slow"]
+    mid = pl.get("mid") or slow
     ts = [PLAIN[t] for t in _targets(doc)]
     notes = "".join(f"- {n}\n" for n in doc.get("notes", []))
     fails = "".join(f"- {f}\n" for f in doc.get("failures", []))
@@ -207,26 +214,33 @@ the LiteLLM proxy venv are installed; `python -m bench.run --smoke` checks every
 
 - **upstream stand-in** (`bench/standin.py`): a raw-asyncio HTTP/1.1 server in OpenAI's wire format — a
   canned chat completion, or a 200-chunk SSE stream with a usage chunk and `data: [DONE]`, one write per
-  chunk; it answers `/health` and `/props` like llama-server.
+  chunk; the same answer in the Responses API's shape at `/v1/responses` (200 events); it answers `/health`
+  and `/props` like llama-server, and under `/llama/` closes every chat connection as llama-server does.
 - **direct**: the load generator talks to the stand-in itself — the floor every "added" number is taken from.
 - **nginx**: `proxy_pass` with one worker, upstream keep-alive, `proxy_buffering off`.
 - **LiteLLM proxy** 1.110.2: one worker, no database, no master key, quiet logging (its own venv:
   `bench/tools.py` says why not `litellm[proxy]`).
 - **Switchyard local**: `switchyard serve`, model `local` = the llama.cpp byte relay (`embedded: false`,
-  64 slots so the queue never waits); **Switchyard hosted**: model `hosted` = the litellm path
-  (`openai/gpt-5-nano` at the stand-in). One process, `SWITCHYARD_LOG_LEVEL=WARNING`.
+  64 slots so the queue never waits) at the stand-in's `/llama` routes, which answer like llama-server
+  (`Connection: close` on every chat answer), so every request opens a fresh upstream connection.
+  **Switchyard hosted (chat relay)**: model `hosted` = `openai/gpt-5-nano` at the stand-in, an OpenAI
+  chat-completions provider (litellm builds the request, the answer's bytes are relayed).
+  **Switchyard hosted (Responses)**: model `hosted_responses` = `openai/responses/gpt-5-nano` (what
+  `switchyard.yaml` ships for zen): the stand-in answers the Responses API (200 events) and each event is
+  translated to a chat chunk. One process, `SWITCHYARD_LOG_LEVEL=WARNING`.
 - **load**: `bench/load.py`, a raw-asyncio client with one keep-alive connection per concurrent worker,
   sending a {doc['load']['request_bytes']['local']:,}-byte opencode-style turn. Per target: non-streamed at
-  C=1 ({fast['json_c1']:,} requests; {slow['json_c1']:,} for the two litellm-based targets) and C=32
-  ({fast['json_c32']:,}; {slow['json_c32']:,}), streamed at C=1 ({fast['stream_c1']:,}; {slow['stream_c1']:,})
-  and C=32 ({fast['stream_c32']:,}; {slow['stream_c32']:,}), in {pl['rounds']} interleaved rounds (every target
+  C=1 ({fast['json_c1']:,} requests; {mid['json_c1']:,} for Switchyard's hosted targets, {slow['json_c1']:,}
+  for LiteLLM's proxy) and C=32 ({fast['json_c32']:,}; {mid['json_c32']:,}; {slow['json_c32']:,}), streamed at
+  C=1 ({fast['stream_c1']:,}; {mid['stream_c1']:,}; {slow['stream_c1']:,}) and C=32 ({fast['stream_c32']:,};
+  {mid['stream_c32']:,}; {slow['stream_c32']:,}), in {pl['rounds']} interleaved rounds (every target
   in each round, the order rotated) after a warm-up; latencies pooled over the rounds.
 - **CPU per request**: the proxy's processes' `utime+stime` from `/proc/PID/stat` around the C=32 runs,
   divided by the requests served.
 
 Targets in this run: {', '.join(ts)}.
 
-## Goals (issue 6)
+## Goals (issues 6 and 15)
 
 {goals(doc)}
 
@@ -255,11 +269,11 @@ A second gateway started just for this (its own stand-in, whose `/props` reports
   column is the proxy's own cost). The stand-in answers {f_num(doc['derived'].get('direct', {}).get('rps_c32'))}
   requests/s directly at C=32, far above any proxy.
 - The stand-in keeps connections alive, and nginx is configured to use that. Switchyard's llama.cpp backend
-  opens a fresh upstream connection per request on purpose (llama-server answers `Connection: close` and
-  a reused socket can fail at write, see `gateway/backends/llamacpp.py`), so its numbers include a TCP
-  connect and close per request; in front of a real llama-server nginx would pay that too.
-- Time to first chunk is taken at the first body byte: for the local path it is the relay's first write;
-  for the litellm-based targets it comes after litellm has parsed and re-serialised the first chunk.
+  talks to the stand-in's llama-server routes, which close every chat connection as llama-server does, so
+  its numbers include a TCP connect and close per request; in front of a real llama-server nginx would pay
+  that too. Switchyard's hosted backends keep their provider connections alive, as providers allow.
+- Time to first chunk is taken at the first body byte: for the local path and the chat relay it is the
+  relay's first write; for LiteLLM's proxy it comes after litellm has parsed and re-serialised the first chunk.
 - Each number pools {pl['rounds']} round(s); the per-round rates above show how much the machine drifted
   (another engineer's test suite may share it: the notes say when other processes took CPU).
 
@@ -326,16 +340,23 @@ def write(doc: dict[str, Any], md_path: Path, png_path: Path, results_path: Path
         rel = str(results_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     plot(doc, png_path)
-    md_path.write_text(markdown(doc, "../" + rel if not rel.startswith("/") else rel, png_path.name))
+    kept = ""
+    if md_path.exists():
+        old = md_path.read_text()
+        at = old.find(KEEP_MARKER)
+        kept = old[at:] if at >= 0 else ""
+    body = markdown(doc, "../" + rel if not rel.startswith("/") else rel, png_path.name)
+    md_path.write_text(body.rstrip("\n") + "\n\n" + (kept or KEEP_MARKER + "\n"))
 
 
 def console(doc: dict[str, Any]) -> str:
     d = doc["derived"]
-    lines = [f"{'target':<20}{'p50 C=1':>11}{'added p50':>11}{'p99 C=1':>11}{'req/s C=32':>12}"
+    w = max(len(PLAIN[t]) for t in _targets(doc)) + 2
+    lines = [f"{'target':<{w}}{'p50 C=1':>11}{'added p50':>11}{'p99 C=1':>11}{'req/s C=32':>12}"
              f"{'TTFT p50':>11}{'streams/s':>11}{'CPU/req':>11}"]
     for t in _targets(doc):
         m = d[t]
-        lines.append(f"{PLAIN[t]:<20}{f_ms(m['p50_ms']):>11}{f_ms(m.get('added_p50_ms')):>11}{f_ms(m['p99_ms']):>11}"
+        lines.append(f"{PLAIN[t]:<{w}}{f_ms(m['p50_ms']):>11}{f_ms(m.get('added_p50_ms')):>11}{f_ms(m['p99_ms']):>11}"
                      f"{f_num(m['rps_c32']):>12}{f_ms(m['ttft_p50_ms']):>11}{f_num(m['streams_per_s_c1']):>11}"
                      f"{(f_ms(m['cpu_ms_per_request']) if t != 'direct' else '-'):>11}")
     lines.append("")

@@ -56,7 +56,8 @@ class Plan:
     mode: str
     rounds: int
     fast: Sizes  # direct, nginx, Switchyard local
-    slow: Sizes  # LiteLLM proxy, Switchyard hosted (~25 ms a request)
+    slow: Sizes  # LiteLLM proxy (~25 ms a request)
+    mid: Sizes  # Switchyard's hosted paths (litellm builds the request, the answer is relayed)
     warmup: int
     flat_total: int
     flat_step: int
@@ -67,15 +68,16 @@ class Plan:
     exact_iterations: int
 
 
-FULL = Plan("full", 3, Sizes(2000, 5000, 400, 800), Sizes(200, 300, 30, 60), 60,
+FULL = Plan("full", 3, Sizes(2000, 5000, 400, 800), Sizes(200, 300, 30, 60), Sizes(1000, 2000, 200, 400), 60,
             10_000, 1_000, 64, 1_400_000, 3000, 300, 20)
-SMOKE = Plan("smoke", 1, Sizes(40, 96, 8, 32), Sizes(8, 32, 2, 4), 4,
+SMOKE = Plan("smoke", 1, Sizes(40, 96, 8, 32), Sizes(8, 32, 2, 4), Sizes(20, 64, 4, 16), 4,
              300, 100, 8, 1_400_000, 600, 10, 2)
 
 KINDS = ("json_c1", "json_c32", "stream_c1", "stream_c32")
-TARGET_ORDER = ("direct", "nginx", "litellm_proxy", "switchyard_local", "switchyard_hosted")
+TARGET_ORDER = ("direct", "nginx", "litellm_proxy", "switchyard_local", "switchyard_hosted", "switchyard_responses")
 LABELS = {"direct": "direct (no proxy)", "nginx": "nginx proxy_pass", "litellm_proxy": "LiteLLM proxy",
-          "switchyard_local": "Switchyard local", "switchyard_hosted": "Switchyard hosted"}
+          "switchyard_local": "Switchyard local", "switchyard_hosted": "Switchyard hosted (chat relay)",
+          "switchyard_responses": "Switchyard hosted (Responses)"}
 # Mixed traffic of the memory-growth run, per 1,000 requests.
 FLAT_MIX = (("local", False, 0.70), ("local", True, 0.20), ("hosted", False, 0.09), ("hosted", True, 0.01))
 FLAT_TOLERANCE = 0.05  # RSS growth from request 1,000 to the end within 5 % (and 4 MiB) counts as flat
@@ -91,7 +93,7 @@ class Target:
     port: int
     model: str
     proc: Proc | None  # the proxy process whose CPU is measured (None: direct)
-    slow: bool
+    speed: str  # "fast", "mid" or "slow": which request counts of the plan it gets
 
     def requests(self) -> dict[bool, bytes]:
         return {s: load.build_request(HOST, self.port, "/v1/chat/completions",
@@ -164,8 +166,8 @@ async def compare(plan: Plan, targets: list[Target], standin: Proc, failures: li
     for rnd in range(plan.rounds):
         order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]  # rotate who goes first
         for t in order:
-            sizes = plan.slow if t.slow else plan.fast
-            warm = max(2, plan.warmup // (4 if t.slow else 1))
+            sizes = getattr(plan, t.speed)
+            warm = max(2, plan.warmup // (4 if t.speed == "slow" else 1))
             for stream in (False, True):
                 w = await load.run(HOST, t.port, reqs[t.name][stream], warm, min(8, warm), stream=stream)
                 if w.errors:
@@ -375,6 +377,20 @@ def goals(derived: dict[str, Any], cls: dict[str, Any] | None, mem: dict[str, An
          lit["added_p50_ms"] / 3 if lit else None, "ms",
          shown=f"{h:.2f} ms = {h / lit['added_p50_ms']:.2f}x LiteLLM proxy's {lit['added_p50_ms']:.2f} ms"
          if lit and h else None)
+    # issue 15: the hosted path at relay cost, the local path with a fresh upstream connection per request
+    c = hos.get("cpu_ms_per_stream")
+    goal("hosted path: CPU per stream vs LiteLLM proxy's", "≤ 1/5 of LiteLLM proxy", c,
+         lit["cpu_ms_per_stream"] / 5 if lit and lit.get("cpu_ms_per_stream") else None, "ms",
+         shown=f"{c:.2f} ms = 1/{lit['cpu_ms_per_stream'] / c:.0f} of LiteLLM proxy's {lit['cpu_ms_per_stream']:.1f} ms"
+         if lit and lit.get("cpu_ms_per_stream") and c else None)
+    sps = hos.get("streams_per_s_c32")
+    goal("hosted path: streams/s at C=32 vs LiteLLM proxy", "≥ 5x LiteLLM proxy", sps,
+         5 * lit["streams_per_s_c32"] if lit and lit.get("streams_per_s_c32") else None, "streams/s", ok_if_le=False,
+         shown=f"{sps:.0f}/s = {sps / lit['streams_per_s_c32']:.0f}x LiteLLM proxy's {lit['streams_per_s_c32']:.1f}/s"
+         if lit and lit.get("streams_per_s_c32") and sps else None)
+    goal("local path: added p50 at C=1 (fresh upstream connection)", "≤ 0.4 ms", a, 0.4, "ms")
+    lc = loc.get("cpu_ms_per_request")
+    goal("local path: CPU per request (fresh upstream connection)", "≤ 0.25 ms", lc, 0.25, "ms")
     if cls:
         v = cls["without_exact"]["total"]["p50_ms"]
         goal("deciding a 350,000-char request (p50)", "< 5 ms", v, 5.0, "ms",
@@ -448,7 +464,7 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path, stack:
     sport = free_port()
     standin = stack.spawn("standin", [python(), "-m", "bench.standin", "--port", str(sport)], sport, cwd=ROOT)
     await wait_http(standin, "/health", 20)
-    targets = [Target("direct", sport, "gpt-5-nano", None, False)]
+    targets = [Target("direct", sport, "gpt-5-nano", None, "fast")]
     nginx = litellm = None
     if nginx_exe:
         port = free_port()
@@ -464,20 +480,23 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path, stack:
                                          "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     gport = free_port()
     cfg = switchyard_config(workdir / "switchyard", sport)
-    gw = stack.spawn("switchyard", switchyard_argv(cfg, gport), gport, env=env, cwd=ROOT)
+    gw_env = {**env, "PYTHONPATH": str(args.src.resolve())} if args.src else env
+    gw = stack.spawn("switchyard", switchyard_argv(cfg, gport), gport, env=gw_env, cwd=ROOT)
     if nginx:
         await wait_http(nginx, "/health", 20)
-        targets.append(Target("nginx", nginx.port, "gpt-5-nano", nginx, False))
+        targets.append(Target("nginx", nginx.port, "gpt-5-nano", nginx, "fast"))
     if litellm:
         t = await wait_http(litellm, "/health/liveliness", 180)
         log(f"  LiteLLM proxy up after {t:.1f} s")
-        targets.append(Target("litellm_proxy", litellm.port, "bench", litellm, True))
+        targets.append(Target("litellm_proxy", litellm.port, "bench", litellm, "slow"))
     await wait_http(gw, "/readyz", 60)
     # Its background litellm import holds the GIL for seconds after launch: measure after it finished.
     await wait_http(gw, "/v1/chat/completions", 120, method="POST",
                     body=json.dumps(bodies.small_turn("hosted", False)).encode())
-    targets.append(Target("switchyard_local", gport, "local", gw, False))
-    targets.append(Target("switchyard_hosted", gport, "hosted", gw, True))
+    targets.append(Target("switchyard_local", gport, "local", gw, "fast"))
+    hosted_speed = "slow" if args.src else "mid"  # older gateways ran every hosted chunk through litellm
+    targets.append(Target("switchyard_hosted", gport, "hosted", gw, hosted_speed))
+    targets.append(Target("switchyard_responses", gport, "hosted_responses", gw, hosted_speed))
     log(f"bench: {plan.mode} run, {plan.rounds} round(s) over {', '.join(t.name for t in targets)}")
 
     summary = await compare(plan, targets, standin, failures)
@@ -492,7 +511,7 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path, stack:
         f"({cls['route']}, {cls['tokens_method']}); {cls['with_exact']['total']['p50_ms']:.1f} ms with exact count")
 
     log("bench: launch and memory")
-    mem = await memory_and_launch(plan, stack, workdir, env, failures)
+    mem = await memory_and_launch(plan, stack, workdir, gw_env, failures)
 
     saturated = sorted({f"{n} {k}" for n, kinds in summary.items() for k, s in kinds.items()
                         if (s["client_busy_max"] or 0) >= 0.9})
@@ -523,6 +542,7 @@ async def main_async(args: argparse.Namespace, plan: Plan, workdir: Path, stack:
     return {"summary": summary, "derived": derived, "classification": cls, "memory": mem, "profile": prof,
             "goals": goal_list, "targets": [t.name for t in targets],
             "versions": {"nginx": _nginx_version(nginx_exe), "git": _git(),
+                         "gateway_src": str(args.src) if args.src else None,
                          "litellm_proxy_venv": str(tools.VENV) if litellm_exe else None}}
 
 
@@ -555,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="profile the gateway with py-spy (full: automatic "
                    "when a Switchyard goal is missed)")
     p.add_argument("--no-profile", action="store_true", help="never profile")
+    p.add_argument("--src", type=Path, help="measure the gateway/ package in this directory instead (a before/after "
+                   "on the same machine: `git archive COMMIT gateway | tar -x -C DIR`)")
     args = p.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.rounds:
@@ -586,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                "failures": failures, "notes": notes,
                "machine": {**machine(), "loadavg_start": loadavg_start,
                            "loadavg_end": Path("/proc/loadavg").read_text().split()[:3]},
-               "plan": {**plan.__dict__, "fast": plan.fast.__dict__, "slow": plan.slow.__dict__},
+               "plan": {**plan.__dict__, "fast": plan.fast.__dict__, "slow": plan.slow.__dict__,
+                        "mid": plan.mid.__dict__},
                "load": {"request_bytes": {m: len(json.dumps(bodies.small_turn(m, False))) for m in ("local",)},
                         "stream_chunks": 200, "labels": LABELS}, **result}
         out_dir = args.out or (ROOT / "bench" / "results" if plan.mode == "full" else Path(tempfile.gettempdir()))

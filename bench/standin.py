@@ -7,6 +7,10 @@ HTTP/1.0 close-delimited answers for old-style proxies).
 
   POST /v1/chat/completions, /chat/completions   canned answer; with "stream": true a 200-chunk SSE
                                                   stream, a usage chunk, then `data: [DONE]`
+  POST /v1/responses, /responses                  the same answer in the Responses API's shape (a 200-event
+                                                  stream with response.created ... response.completed)
+  /llama/...                                      any route above, answered like llama-server: every chat
+                                                  answer says `Connection: close` and closes the socket
   POST /v1/chat/completions/input_tokens          {"input_tokens": bytes // 4}
   GET  /health, /props, /v1/models, /models       llama-server's readiness answers
   POST /_bench/delay                              body = milliseconds to wait before each chat answer
@@ -65,9 +69,50 @@ def _stream_events() -> list[bytes]:
     return events
 
 
+def _responses() -> tuple[bytes, list[bytes]]:
+    """The Responses API's answer (non-streamed) and its SSE events, as OpenAI sends them."""
+    words = "the quick brown fox jumps over a lazy dog while code compiles and tests pass".split()
+    pieces = [words[i % len(words)] + " " for i in range(STREAM_CHUNKS - 2)]
+    text = "".join(pieces)
+    rid, mid = "resp_bench000000000000000000000000", "msg_bench000000000000000000000000"
+    usage = {"input_tokens": 412, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(pieces),
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 412 + len(pieces)}
+    base = {"id": rid, "object": "response", "created_at": 1764000000, "model": MODEL, "error": None,
+            "incomplete_details": None, "instructions": None, "max_output_tokens": None, "parallel_tool_calls": True,
+            "previous_response_id": None, "reasoning": {"effort": "minimal", "summary": None}, "store": False,
+            "temperature": 1.0, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "top_p": 1.0, "truncation": "disabled", "user": None, "metadata": {}}
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    item = {"id": mid, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    started = {**base, "status": "in_progress", "output": [], "usage": None}
+    done = {**base, "status": "completed", "output": [item], "usage": usage}
+    loc = {"item_id": mid, "output_index": 0, "content_index": 0}
+    raw = [{"type": "response.created", "response": started}, {"type": "response.in_progress", "response": started},
+           {"type": "response.output_item.added", "output_index": 0,
+            "item": {**item, "status": "in_progress", "content": []}},
+           {"type": "response.content_part.added", **loc, "part": {**part, "text": ""}}]
+    raw += [{"type": "response.output_text.delta", **loc, "delta": p, "logprobs": [], "obfuscation": "x4Rt"}
+            for p in pieces]
+    raw += [{"type": "response.output_text.done", **loc, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", **loc, "part": part},
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+            {"type": "response.completed", "response": done}]
+    events = [b"event: " + e["type"].encode() + b"\n" + _sse({**e, "sequence_number": i})
+              for i, e in enumerate(raw)]
+    return json.dumps(done, separators=(",", ":")).encode(), events
+
+
+def _chunked(events: list[bytes]) -> list[bytes]:
+    return [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+
+
 COMPLETION = _completion()
 EVENTS = _stream_events()
-EVENTS_CHUNKED = [b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS]
+EVENTS_CHUNKED = _chunked(EVENTS)
+RESPONSE, RESPONSE_EVENTS = _responses()
+RESPONSE_EVENTS_CHUNKED = _chunked(RESPONSE_EVENTS)
+_CHAT = (b"/v1/chat/completions", b"/chat/completions")
+_RESPONSES = (b"/v1/responses", b"/responses")
 
 
 def _response(status: str, body: bytes, ctype: bytes = b"application/json", close: bool = False) -> bytes:
@@ -131,19 +176,24 @@ class Conn(asyncio.Protocol):
                     return
                 body = bytes(self.buf[start:start + clen])
                 del self.buf[:start + clen]
-            self._answer(method, path.split(b"?", 1)[0], version, body, close)
+            path = path.split(b"?", 1)[0]
+            llama = path.startswith(b"/llama/")
+            if llama:  # llama-server: every chat answer closes its connection
+                path = path[6:]
+            self._answer(method, path, version, body, close or (llama and path in _CHAT))
 
     def _answer(self, method: bytes, path: bytes, version: bytes, body: bytes, close: bool) -> None:
         t = self.transport
         srv = self.server
-        if path in (b"/v1/chat/completions", b"/chat/completions") and method == b"POST":
+        if (path in _CHAT or path in _RESPONSES) and method == b"POST":
             srv.requests += 1
             stream = _STREAM_RE.search(body) is not None
+            responses = path in _RESPONSES
             if srv.delay or stream:
                 self.busy = True
-                asyncio.get_running_loop().create_task(self._slow(stream, version, close))
+                asyncio.get_running_loop().create_task(self._slow(stream, version, close, responses))
                 return
-            t.write(_response("200 OK", COMPLETION, close=close))
+            t.write(_response("200 OK", RESPONSE if responses else COMPLETION, close=close))
         elif path == b"/v1/chat/completions/input_tokens":
             t.write(_response("200 OK", b'{"input_tokens":%d}' % (len(body) // 4), close=close))
         elif path == b"/health":
@@ -165,32 +215,33 @@ class Conn(asyncio.Protocol):
             self.closing = True
             t.close()
 
-    async def _slow(self, stream: bool, version: bytes, close: bool) -> None:
+    async def _slow(self, stream: bool, version: bytes, close: bool, responses: bool = False) -> None:
         srv = self.server
         srv.inflight += 1
         srv.max_inflight = max(srv.max_inflight, srv.inflight)
         try:
-            await self._slow_answer(stream, version, close)
+            await self._slow_answer(stream, version, close, responses)
         finally:
             srv.inflight -= 1
 
-    async def _slow_answer(self, stream: bool, version: bytes, close: bool) -> None:
+    async def _slow_answer(self, stream: bool, version: bytes, close: bool, responses: bool) -> None:
         t = self.transport
         if self.server.delay:
             await asyncio.sleep(self.server.delay)
         if self.closing or t is None or t.is_closing():
             return
         if not stream:
-            t.write(_response("200 OK", COMPLETION, close=close))
+            t.write(_response("200 OK", RESPONSE if responses else COMPLETION, close=close))
         elif version == b"HTTP/1.0":  # no chunked encoding in 1.0: the body ends with the connection
             t.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n")
-            for e in EVENTS:
+            for e in RESPONSE_EVENTS if responses else EVENTS:
                 t.write(e)
             close = True
         else:
             t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                     b"Transfer-Encoding: chunked" + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n")
-            for e in EVENTS_CHUNKED:  # one write (one send) per event, as a token server emits them
+            # one write (one send) per event, as a token server emits them
+            for e in RESPONSE_EVENTS_CHUNKED if responses else EVENTS_CHUNKED:
                 t.write(e)
             t.write(b"0\r\n\r\n")
         if close:

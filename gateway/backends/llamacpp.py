@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import yarl
 
 from .. import failures
 from ..ceiling import CrashCeilings
@@ -52,6 +53,8 @@ class LlamaCppBackend:
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
         self._count_route: str | None = None  # which token-count API this server has
+        self._chat_url: yarl.URL | None = None
+        self._chat_base = ""
 
     def _new_session(self, force_close: bool) -> aiohttp.ClientSession:
         t = self.config.timeouts
@@ -62,6 +65,7 @@ class LlamaCppBackend:
             connector=aiohttp.TCPConnector(force_close=force_close, limit=0),
             timeout=aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect),
             skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),  # llama-server sets no cookies: skip the jar per request
         )
 
     @property
@@ -91,7 +95,10 @@ class LlamaCppBackend:
             return await self._send(data)
 
     async def _send(self, data: bytes) -> aiohttp.ClientResponse:
-        url = f"{self.url}/v1/chat/completions"
+        if self._chat_url is None or self._chat_base != self.url:  # parsed once, not per request
+            self._chat_base = self.url
+            self._chat_url = yarl.URL(f"{self.url}/v1/chat/completions")
+        url = self._chat_url
         if not self.config.keep_alive:
             return await self.session.post(url, data=data, headers=_JSON)
         try:
