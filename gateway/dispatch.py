@@ -193,7 +193,7 @@ class Dispatcher:
                 chunks.append(chunk)
         finally:
             await upstream.close()
-        return Upstream(upstream.status, chunks[0], _replay(chunks[1:]), _closed, upstream.usage)
+        return Upstream(upstream.status, chunks[0], _replay(chunks[1:]), _closed, upstream.usage, upstream.settle)
 
     async def _open(self, backend: Backend, body: dict[str, Any], walk: Walk, raw: bytes | None) -> Upstream:
         limiter = self.limiters.get(backend.name)

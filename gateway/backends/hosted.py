@@ -96,9 +96,7 @@ class HostedBackend:
         return aiohttp.ClientSession(
             # Providers keep connections alive (TLS setup is the expensive part): pool them.
             connector=aiohttp.TCPConnector(force_close=force_close, limit=0),
-            # No sock_read: it would also bound the wait for a non-streamed answer's headers (the whole
-            # answer) at `idle`; open() bounds the first byte, `total` the rest.
-            timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect),
+            timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle),
             skip_auto_headers=("User-Agent",),
         )
 
