@@ -41,12 +41,12 @@ async def _answers(url: str) -> bool:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
-    from aiohttp import web
 
     from .app import create_app
     from .backends.llamacpp import LlamaCppBackend as Local
     from .embedded import LlamaServer, locate
     from .endpoints import RUNTIME
+    from .server import start_site
 
     app = create_app(settings)
     rt = app[RUNTIME]
@@ -69,10 +69,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
             backend.retarget(server.url)
             notes.append(f"{name}: embedded SmolLM2-135M at {server.url} (nothing answered at {cfg.url}; "
                          f"set backends.{name}.url in {settings.path} to your llama-server)")
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    runner = await start_site(app, host, port, settings.gateway.server, auth=settings.gateway.auth)
     _banner(settings, rt, host, port, notes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -81,6 +81,12 @@ class ModelNotFound(GatewayError):
     code = "model_not_found"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -103,6 +109,14 @@ class NoBackendAvailable(GatewayError):
     status = 503
     type = "server_error"
     code = "no_backend_available"
+
+
+class Overloaded(GatewayError):
+    """The gateway itself is at capacity (connections), not a backend."""
+
+    status = 503
+    type = "server_error"
+    code = "gateway_overloaded"
 
 
 class UpstreamFailed(GatewayError):
