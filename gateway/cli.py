@@ -41,7 +41,6 @@ async def _answers(url: str) -> bool:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
-
     from .app import create_app
     from .backends.llamacpp import LlamaCppBackend as Local
     from .embedded import LlamaServer, locate

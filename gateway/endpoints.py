@@ -122,6 +122,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         decision.outcome = "client_gone"
         raise
+    except Exception:  # answered as a JSON 500 by the app's middleware; recorded as what it was
+        decision.outcome, decision.status, decision.error_code = "error", 500, "internal_error"
+        raise
     finally:
         decision.total_ms = (time.monotonic() - started) * 1000
         rt.recorder.record(decision)

@@ -16,12 +16,14 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from .schema import check_headers, check_tree, validate_body
 
 # Headers that are forwarded upstream or recorded (session ids); the signature pack adds its own.
+DECODED = frozenset({"identity", "", "gzip", "x-gzip", "deflate", "br", "zstd"})  # br/zstd: aiohttp says if it can
 CHECKED_HEADERS = ("x-session-id", "x-openwebui-chat-id", "x-session-affinity", "x-parent-session-id")
 
 
@@ -42,6 +44,10 @@ async def receive(request: web.Request, body_limit: int, *, body_timeout: float 
     if length is not None and length > body_limit:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {body_limit} bytes")
     check_headers(request.headers, header_names)
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in DECODED:  # aiohttp would pass an unknown coding on as if it were plain JSON
+        raise InvalidRequest(f"Content-Encoding {coding[:40]!r} is not supported (use gzip, deflate or none)",
+                             code="unsupported_content_encoding", status=415)
     try:
         async with asyncio.timeout(body_timeout):
             raw = await request.read()
@@ -51,7 +57,7 @@ async def receive(request: web.Request, body_limit: int, *, body_timeout: float 
         # A slow or short body (Content-Length larger than what is sent, an unterminated chunked body)
         # must not hold a connection and a task forever.
         raise RequestTimeout(f"request body not received within {body_timeout:g} s") from e
-    except (HttpProcessingError, ValueError, OSError) as e:
+    except (HttpProcessingError, RequestPayloadError, ValueError, OSError) as e:
         # aiohttp's payload errors (bad chunk, a gzip body that does not decompress) arrive on read.
         if isinstance(e, ConnectionResetError):
             raise
