@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout
-from .schema import check_headers, check_tree, validate_body
+from .schema import check_control_fields, check_headers, check_tree, validate_body
 
 # Headers that are forwarded upstream or recorded (session ids); the signature pack adds its own.
 DECODED = frozenset({"identity", "", "gzip", "x-gzip", "deflate", "br", "zstd"})  # br/zstd: aiohttp says if it can
@@ -110,6 +110,7 @@ def parse_chat(raw: bytes, headers: CIMultiDictProxy[str]) -> ChatRequest:
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("'tools' must be an array")
     check_tree(body, text)
+    check_control_fields(body)
     validate_body(body)
     so = body.get("stream_options")
     include_usage = bool(stream and isinstance(so, dict) and so.get("include_usage"))

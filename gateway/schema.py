@@ -196,6 +196,36 @@ class ChatBody(Lenient):
     repeat_penalty: Number | None = None
 
 
+# ---- litellm's own parameters --------------------------------------------------------------------
+# The hosted backend calls `litellm.acompletion(**body)`, and litellm reads many keyword arguments that
+# are not OpenAI fields: `base_url` in a client's body sent *our* hosted key to the client's server,
+# `mock_response` answered without calling the provider, `input_cost_per_token` rewrote the spend.
+# No OpenAI client sends these (the SDKs' `timeout`/`extra_headers` are client-side options), so a
+# body that carries one is refused; every other unknown field still passes.
+LITELLM_CONTROL = frozenset({
+    "base_url", "api_base", "api_key", "api_version", "api_type", "organization", "custom_llm_provider",
+    "deployment_id", "model_list", "extra_headers", "headers", "extra_body", "provider_specific_header",
+    "timeout", "stream_timeout", "force_timeout", "max_retries", "num_retries", "fallbacks",
+    "context_window_fallback_dict", "cooldown_time", "cost_per_second", "base_model", "model_info", "hf_model_name",
+    "logger_fn", "client", "shared_session", "cache", "caching", "preset_cache_key", "proxy_server_request",
+    "ssl_verify", "drop_params", "additional_drop_params", "allowed_openai_params", "use_litellm_proxy",
+    "secret_fields", "chatgpt_auth_file", "use_xai_oauth", "azure", "client_id", "client_secret", "tenant_id",
+    "tpm", "rpm", "acompletion", "aembedding", "atext_completion", "text_completion", "model_file_id_mapping",
+    "initial_prompt_value", "final_prompt_value", "roles", "bos_token", "eos_token", "prompt_id",
+    "prompt_variables", "prompt_version", "prompt_label", "enable_json_schema_validation", "verbose",
+    "callbacks", "success_callback", "failure_callback", "input_callback", "service_callback",
+})
+LITELLM_PREFIXES = ("litellm_", "mock_", "input_cost_", "output_cost_", "aws_", "vertex_", "azure_", "watsonx_",
+                    "gigachat_")
+
+
+def check_control_fields(body: Mapping[str, Any]) -> None:
+    for name in body:
+        if name in LITELLM_CONTROL or name.startswith(LITELLM_PREFIXES):
+            raise InvalidRequest(f"{name}: not a chat completion parameter (a gateway-internal setting; refused)",
+                                 code="invalid_parameter")
+
+
 # ---- checks -------------------------------------------------------------------------------------
 
 _UNION_LABELS = frozenset({"str", "int", "float", "bool", "list[str]", "dict[str,any]"})

