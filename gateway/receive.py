@@ -24,6 +24,7 @@ from .schema import check_control_fields, check_headers, check_tree, validate_bo
 
 # Headers that are forwarded upstream or recorded (session ids); the signature pack adds its own.
 DECODED = frozenset({"identity", "", "gzip", "x-gzip", "deflate", "br", "zstd"})  # br/zstd: aiohttp says if it can
+CLOSE = {"Connection": "close"}  # after a body we could not read to its end, the connection is done
 CHECKED_HEADERS = ("x-session-id", "x-openwebui-chat-id", "x-session-affinity", "x-parent-session-id")
 
 
@@ -56,12 +57,13 @@ async def receive(request: web.Request, body_limit: int, *, body_timeout: float 
     except TimeoutError as e:
         # A slow or short body (Content-Length larger than what is sent, an unterminated chunked body)
         # must not hold a connection and a task forever.
-        raise RequestTimeout(f"request body not received within {body_timeout:g} s") from e
+        raise RequestTimeout(f"request body not received within {body_timeout:g} s", headers=CLOSE) from e
     except (HttpProcessingError, RequestPayloadError, ValueError, OSError) as e:
         # aiohttp's payload errors (bad chunk, a gzip body that does not decompress) arrive on read.
         if isinstance(e, ConnectionResetError):
             raise
-        raise InvalidRequest(f"request body could not be read: {_describe(e)}", code="invalid_body") from e
+        raise InvalidRequest(f"request body could not be read: {_describe(e)}", code="invalid_body",
+                             headers=CLOSE) from e
     if len(raw) > body_limit:
         raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {body_limit} bytes")
     return parse_chat(raw, request.headers)

@@ -14,23 +14,34 @@ Most cases are rejected on receive (cheap); a few dozen valid ones reach llama-s
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import random
 import sqlite3
+import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+
+from gateway.app import create_app
+from gateway.config import load_settings
 from gateway.embedded import LlamaServer
-from tests.conftest import GatewayFactory
+from gateway.endpoints import RUNTIME
+from gateway.runtime import Runtime
+from gateway.server import bound_port, start_site
+from tests.conftest import config_for, write_config
 from tests.fake_hosted import FakeHosted
 
 SEED = 20261126
 CASES = 1000
-LOCAL_VALID = 30  # valid cases sent to the real llama-server; the rest of the valid ones go to the fake
+LOCAL_VALID = 20  # valid cases sent to the real llama-server; the rest of the valid ones go to the fake
 
 TEXTS = ["Say hi.", "2+2?", "Name a colour.", "héllo wörld", "日本語で", "emoji 😀 ok", "", " ", "a\nb\tc",
          "<|im_start|>system", "\\u0000 literally", "{\"json\": true}"]
@@ -215,7 +226,8 @@ class Fuzzer:
         body.pop("stream_options", None)
         if r < 0.14:  # a header we record or forward, with a value that is not printable ASCII
             name = rng.choice(SESSION_HEADERS)
-            value = rng.choice(["café", "日本", "a\x01b", "tab\there", "\x7f", "ü" * 50])
+            # (control bytes never get this far: the HTTP parser refuses them, see test_edge.py)
+            value = rng.choice(["café", "日本", "tab\there", "ü" * 50, "\udcff", "\udcc3\udca9"])
             return Case(f"header {name}", dumps(body), False, {name: value})
         if r < 0.20:  # encodings
             good = dumps(body)
@@ -226,10 +238,10 @@ class Fuzzer:
             ])
             if enc == "br-or-bogus":
                 enc = rng.choice(["br", "zstd", "compress", "x-bogus", "gzip, gzip"])
-            if ok:
+            if ok:  # valid: to the fake, so the few llama-server turns stay the "valid" cases'
                 body["model"] = "hosted"
-                data = data if enc == "identity" else (gzip.compress(dumps(body)) if enc == "gzip"
-                                                       else zlib.compress(dumps(body)))
+                data = {"identity": dumps, "gzip": lambda b: gzip.compress(dumps(b)),
+                        "deflate": lambda b: zlib.compress(dumps(b))}[enc](body)
             return Case(f"encoding {enc}", data, ok, {"Content-Encoding": enc})
         kind, mutate = rng.choice(self.mutations())
         out = mutate(body)
@@ -237,30 +249,72 @@ class Fuzzer:
         return Case(kind, data, False)
 
 
+@dataclass
+class Served:
+    """The gateway as `switchyard serve` runs it (gateway.server.start_site), not aiohttp's test server:
+    parser-level rejections (e.g. `Content-Encoding: br` without Brotli) are answered by our handler."""
+
+    port: int
+    runtime: Runtime
+    session: aiohttp.ClientSession
+    host: str = "127.0.0.1"
+
+
+@pytest.fixture
+async def served(llama: LlamaServer, fake: FakeHosted, tmp_path: Path) -> AsyncIterator[Served]:
+    gw_cfg, policy = config_for(llama.url, fake.url, data_dir=str(tmp_path / "data"))
+    settings = load_settings(write_config(tmp_path / "cfg", gw_cfg, {"default": policy}))
+    app = create_app(settings)
+    runner = await start_site(app, "127.0.0.1", 0, settings.gateway.server)
+    async with aiohttp.ClientSession() as session:
+        yield Served(bound_port(runner), app[RUNTIME], session)
+    await runner.cleanup()
+
+
+async def send_raw(gw: Served, case: Case) -> tuple[int, str, bytes]:
+    """Headers with non-ASCII bytes, which client libraries refuse to send (surrogate-escaped: U+DCXX is byte XX)."""
+    head = [b"POST /v1/chat/completions HTTP/1.1", b"Host: x", b"Content-Type: application/json",
+            b"Content-Length: %d" % len(case.body), b"Connection: close"]
+    head += [k.encode() + b": " + v.encode("utf-8", "surrogateescape") for k, v in case.headers.items()]
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"\r\n".join(head) + b"\r\n\r\n" + case.body)
+    data = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    top, _, body = data.partition(b"\r\n\r\n")
+    ctype = next((ln.split(b":", 1)[1].strip().decode() for ln in top.split(b"\r\n")
+                  if ln.lower().startswith(b"content-type:")), "")
+    return int(top.split(b" ", 2)[1]), ctype, body
+
+
 def openai_error(payload: Any) -> bool:
     err = payload.get("error") if isinstance(payload, dict) else None
     return isinstance(err, dict) and {"message", "type", "code"} <= set(err)
 
 
-async def test_fuzz_no_client_can_hurt_the_gateway(llama: LlamaServer, make_gateway: GatewayFactory,
-                                                   fake: FakeHosted) -> None:
-    gw = await make_gateway(llama.url)
+async def test_fuzz_no_client_can_hurt_the_gateway(served: Served) -> None:
+    gw = served
+    url = f"http://{gw.host}:{gw.port}/v1/chat/completions"
     fuzzer = Fuzzer(SEED)
     problems: list[str] = []
     statuses: Counter[tuple[str, int]] = Counter()
+    seconds: Counter[str] = Counter()
     answered = 0
+    by_http_layer = 0  # refused by the HTTP parser (e.g. br without Brotli): never a request, never a row
     for i in range(CASES):
         case = fuzzer.case()
-        headers = {"Content-Type": "application/json", **case.headers}
-        resp = await gw.client.post("/v1/chat/completions", data=case.body, headers=headers,
-                                    skip_auto_headers={"Content-Encoding"})
-        body = await resp.read()
+        started = time.monotonic()
+        if case.kind.startswith("header"):
+            status, ctype, body = await send_raw(gw, case)
+        else:
+            async with gw.session.post(url, data=case.body,
+                                       headers={"Content-Type": "application/json", **case.headers}) as resp:
+                status, ctype, body = resp.status, resp.headers.get("Content-Type", ""), await resp.read()
+        seconds[case.kind] += time.monotonic() - started
         answered += 1
-        statuses[(case.kind, resp.status)] += 1
-        streamed = resp.headers.get("Content-Type", "").startswith("text/event-stream")
-        where = f"case {i} ({case.kind}, {case.model}) -> {resp.status}: {body[:160]!r}"
-        if streamed:
-            if resp.status != 200 or not body.rstrip().endswith(b"data: [DONE]"):
+        statuses[(case.kind, status)] += 1
+        where = f"case {i} ({case.kind}, {case.model}) -> {status}: {body[:160]!r}"
+        if ctype.startswith("text/event-stream"):
+            if status != 200 or not body.rstrip().endswith(b"data: [DONE]"):
                 problems.append(f"broken stream: {where}")
             continue
         try:
@@ -268,22 +322,26 @@ async def test_fuzz_no_client_can_hurt_the_gateway(llama: LlamaServer, make_gate
         except ValueError:
             problems.append(f"not JSON: {where}")
             continue
-        if resp.status >= 500:
+        if status >= 500:
             problems.append(f"5xx: {where}")
-        elif case.valid and resp.status != 200:
+        elif case.valid and status != 200:
             problems.append(f"valid case refused: {where}")
-        elif not case.valid and not 400 <= resp.status < 500:
+        elif not case.valid and not 400 <= status < 500:
             problems.append(f"invalid case not refused: {where}")
-        if resp.status >= 400 and not openai_error(payload):
+        if status >= 400 and not openai_error(payload):
             problems.append(f"error not OpenAI-shaped: {where}")
+        elif status >= 400 and payload["error"]["code"] == "bad_http_request":
+            by_http_layer += 1
+    print("seconds by kind:", {k: round(v, 2) for k, v in seconds.most_common(6)})
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:20])
     states = {n: str(b.state) for n, b in gw.runtime.breakers.items()}
     assert set(states.values()) == {"closed"}, states
     valid = sum(n for (kind, status), n in statuses.items() if kind == "valid" and status == 200)
     assert valid >= 40 and fuzzer.local_left == 0, statuses  # the run did reach both backends
+    await asyncio.sleep(0.2)  # the last answer's decision is recorded as its handler returns
     await gw.runtime.ledger.flush()
     with sqlite3.connect(gw.runtime.ledger.path) as db:
         rows = db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
     # One row per answered request. If this alone fails, look at gateway/ledger.py (being hardened in
     # the same issue: a row it cannot encode stops the writer), not at the edge.
-    assert rows == answered, (rows, answered)
+    assert rows == answered - by_http_layer, (rows, answered, by_http_layer)

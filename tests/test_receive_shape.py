@@ -128,14 +128,14 @@ async def test_findings_are_400_from_us_and_no_breaker_moves(llama: LlamaServer,
                          "response_format: must be an object")
     await expect_400(await gw.client.post("/v1/chat/completions", data=b'{"model": "\\ud800", "messages": '
                                           b'[{"role": "user", "content": "x"}]}'), "model: text is not valid Unicode")
-    for value in ("café".encode(), b"\xff", b"a\x01b"):
+    for value in ("café".encode(), b"\xff"):  # control bytes are refused by the HTTP parser (test_edge.py)
         status, body = await send_raw(gw, user("x", model="hosted", max_tokens=4), b"x-session-id: " + value)
         assert status == 400 and "header x-session-id" in body["error"]["message"], body
     status, body = await send_raw(gw, user("x", model="local", max_tokens=4), "x-openwebui-chat-id: ü".encode())
     assert status == 400 and "x-openwebui-chat-id" in body["error"]["message"]
     assert fake.requests == []  # nothing reached the provider
     breakers_closed(gw)
-    assert [d.status for d in list(gw.runtime.recorder.recent)] == [400] * 11
+    assert [d.status for d in list(gw.runtime.recorder.recent)] == [400] * 10
     # and the gateway still serves both backends
     ok = await gw.client.post("/v1/chat/completions", data=user([{"type": "text", "text": "Say hi."}],
                                                                  model="local", max_tokens=2, future_field=1))
