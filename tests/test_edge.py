@@ -289,3 +289,62 @@ def test_server_limits_have_documented_defaults() -> None:
     assert limits.header_timeout <= 60 and limits.body_timeout <= 300 and limits.max_connections >= 64
     for name, f in ServerLimits.model_fields.items():
         assert f.description, name
+
+
+async def test_out_of_descriptors_is_a_bounded_log_and_the_gateway_recovers(tmp_path: Path) -> None:
+    """Finding 4: under a 256-descriptor limit, 400 slow connections made accept() fail with EMFILE and the
+    log got a traceback per attempt. Now the connection cap sits below the limit, refusals are answered,
+    accept errors are one line per 10 s, and once the slow clients are cut the gateway serves again."""
+    import resource
+    import subprocess
+    import sys
+
+    from gateway.embedded import free_port
+
+    gw_cfg, policy = config_for("http://127.0.0.1:9", "http://127.0.0.1:9/v1", data_dir=str(tmp_path / "data"),
+                                server={"header_timeout": 4, "max_connections": 10_000})
+    gw_cfg["backends"]["local"]["embedded"] = False
+    path = write_config(tmp_path, gw_cfg, {"default": policy})
+    port = free_port()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port),
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit)
+    held: list[asyncio.StreamWriter] = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(300):
+                try:
+                    async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            for _ in range(400):
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    break
+                w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and never more
+                held.append(w)
+            async with s.get(f"http://127.0.0.1:{port}/healthz", timeout=aiohttp.ClientTimeout(10)) as r:
+                assert r.status in (200, 503)  # an answer either way, in JSON, never a hang
+                assert "error" in await r.json() or r.status == 200
+            await asyncio.sleep(6)  # the header timeout cuts the slow clients
+            async with s.get(f"http://127.0.0.1:{port}/healthz", timeout=aiohttp.ClientTimeout(10)) as r:
+                assert r.status == 200
+    finally:
+        for w in held:
+            w.close()
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+    text = log_path.read_text()
+    assert "max_connections 10000 exceeds the descriptor limit (256" in text
+    assert text.count("Traceback") == 0, text[-3000:]
+    assert text.count("cannot accept connections") <= 1
+    assert len(text) < 20_000, "no log storm"
