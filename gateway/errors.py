@@ -112,14 +112,6 @@ class NoBackendAvailable(GatewayError):
     code = "no_backend_available"
 
 
-class Overloaded(GatewayError):
-    """The gateway itself is at capacity (connections), not a backend."""
-
-    status = 503
-    type = "server_error"
-    code = "gateway_overloaded"
-
-
 class UpstreamFailed(GatewayError):
     status = 502
     type = "server_error"

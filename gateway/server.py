@@ -21,7 +21,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from .config import ServerLimits
@@ -107,6 +107,10 @@ class EdgeHandler(RequestHandler):
         super().connection_lost(exc)
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
+        if isinstance(kw.get("exc_info"), RequestPayloadError):
+            # aiohttp draining a body the client broke (bad gzip, bad chunk) after we answered 400
+            self.logger.debug("discarded the rest of a malformed request body")
+            return
         if (suppressed := LIMITER.allow("aiohttp")) is not None:
             more = f" ({suppressed} similar suppressed)" if suppressed else ""
             self.logger.error("%s%s", args[0] % args[1:] if len(args) > 1 else args[0], more,
