@@ -81,9 +81,11 @@ class EdgeHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        # The first byte of a request head starts the clock; a complete head stops it.
-        idle = not self._request_in_progress and not self._messages and self._payload_parser is None
-        if data and idle and self._header_timer is None and not self._upgraded:
+        # The first byte of a request head starts the clock; a complete head stops it. "Between requests"
+        # is when the connection loop waits for the next head (not while aiohttp drains a body it left).
+        waiting = (self._waiter is not None and not self._waiter.done()) or self._request_count == 0
+        between = waiting and not self._request_in_progress and not self._messages and self._payload_parser is None
+        if data and between and self._header_timer is None and not self._upgraded:
             self._header_timer = self._loop.call_later(self._header_timeout, self._header_deadline)
         super().data_received(data)
         if self._header_timer is not None and (self._messages or self._request_in_progress):

@@ -190,6 +190,31 @@ async def test_slowloris_headers_are_cut_at_the_header_timeout(edge: EdgeFactory
     assert assert_openai_error(status, headers, body)["code"] == "request_timeout"
 
 
+async def test_keep_alive_between_requests_is_not_cut_by_the_header_timeout(edge: EdgeFactory) -> None:
+    gw = await edge(body_limit_bytes=1000, server={"header_timeout": 0.5, "keepalive_timeout": 30})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+
+    async def nothing_arrives() -> None:
+        await asyncio.sleep(1.0)  # idle for twice the header timeout
+        with pytest.raises(TimeoutError):  # no unsolicited 408, no close
+            await asyncio.wait_for(reader.read(1), 0.3)
+
+    try:
+        big = b"x" * 3000
+        writer.write(post(big[:10], length=len(big)))  # answered 413 at once, while the body still comes
+        status, _, _ = await read_response(reader, 5)
+        assert status == 413
+        writer.write(big[10:])  # the rest of it arrives after the answer
+        await nothing_arrives()
+        for _ in range(2):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, _ = await read_response(reader, 5)
+            assert status == 200
+            await nothing_arrives()
+    finally:
+        writer.close()
+
+
 async def test_idle_connection_is_closed_at_the_keepalive_timeout(edge: EdgeFactory) -> None:
     gw = await edge(server={"keepalive_timeout": 1.0})
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
