@@ -31,6 +31,7 @@ log = logging.getLogger("switchyard")
 
 FD_RESERVE = 128  # descriptors kept for upstream connections, the ledger and the listening socket
 LINGER = 2.0  # seconds to drain an unread body after answering (so the client reads the answer, not a RST)
+REFUSE_LINGER = 0.5  # the same for a refused connection: short, since each one holds a descriptor meanwhile
 
 
 class LogLimiter:
@@ -155,7 +156,7 @@ class _Refuse(asyncio.Protocol):
         # destroy the answer before the client reads it.
         if transport.can_write_eof():
             transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(LINGER, transport.close)
+        self._timer = asyncio.get_running_loop().call_later(REFUSE_LINGER, transport.close)
 
     def data_received(self, data: bytes) -> None:
         pass
