@@ -40,6 +40,8 @@ async def openai_errors(request: web.Request, handler: web.Handler) -> web.Strea
             stack = "".join(traceback.format_tb(e.__traceback__))
             log.error("unhandled %s answering %s %s%s\n%s", type(e).__name__, request.method, request.path,
                       f" ({suppressed} more since the last line)" if suppressed else "", stack)
+        if request.writer.output_size > 0:
+            raise  # a response is already on the wire (a stream): aiohttp closes the connection
         body = json.dumps(error_payload("internal error in the gateway", "server_error", "internal_error"))
         return web.Response(status=500, body=body, content_type="application/json")
 
