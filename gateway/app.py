@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import traceback
 
 from aiohttp import web
 
 from . import endpoints
 from .config import Settings
-from .errors import error_payload
+from .errors import GatewayError, error_payload
 from .runtime import Runtime
+from .server import LIMITER
+
+log = logging.getLogger("switchyard")
 
 
 @web.middleware
@@ -23,6 +29,21 @@ async def openai_errors(request: web.Request, handler: web.Handler) -> web.Strea
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "http_error")
         body = json.dumps(error_payload(f"{e.reason}: {request.method} {request.path}", "invalid_request_error", code))
         return web.Response(status=e.status, body=body, content_type="application/json")
+    except GatewayError as e:
+        return e.response()
+    except (asyncio.CancelledError, ConnectionError):
+        raise  # the client left: nobody to answer
+    except Exception as e:
+        # A bug of ours: the client still gets JSON, and the log gets the stack — rate-limited, and
+        # without the exception's message, which can quote the request (prompt text).
+        if (suppressed := LIMITER.allow("unhandled")) is not None:
+            stack = "".join(traceback.format_tb(e.__traceback__))
+            log.error("unhandled %s answering %s %s%s\n%s", type(e).__name__, request.method, request.path,
+                      f" ({suppressed} more since the last line)" if suppressed else "", stack)
+        if request.writer.output_size > 0:
+            raise  # a response is already on the wire (a stream): aiohttp closes the connection
+        body = json.dumps(error_payload("internal error in the gateway", "server_error", "internal_error"))
+        return web.Response(status=500, body=body, content_type="application/json")
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
@@ -31,6 +52,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app = web.Application(middlewares=[openai_errors],
                           client_max_size=settings.gateway.body_limit_bytes + 1024)
     app[endpoints.RUNTIME] = runtime or Runtime.build(settings)
+    app[endpoints.ADMIN] = endpoints.admin_digests(settings.gateway)
     app.router.add_post("/v1/chat/completions", endpoints.chat_completions)
     app.router.add_post("/chat/completions", endpoints.chat_completions)
     app.router.add_get("/v1/models", endpoints.models)

@@ -42,13 +42,12 @@ async def _answers(url: str) -> bool:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
-    from aiohttp import web
-
     from .app import create_app
     from .backends.llamacpp import LlamaCppBackend as Local
     from .embedded import LlamaServer
     from .endpoints import RUNTIME
     from .firstrun import STARTUP, BuildProgress, TerminalReport, bring_up
+    from .server import start_site
 
     app = create_app(settings)
     rt = app[RUNTIME]
@@ -67,10 +66,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
             notes.append(f"{name}: nothing answered at {cfg.url}, so the embedded llama-server (SmolLM2-135M) is "
                          f"starting in the background (the first run builds it: ~6-15 min on 2 cores); set "
                          f"backends.{name}.url in {settings.path} to your llama-server")
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    runner = await start_site(app, host, port, settings.gateway.server, auth=settings.gateway.auth)
     _banner(settings, rt, host, port, notes)
     report = TerminalReport()
     tasks: list[asyncio.Task[None]] = []

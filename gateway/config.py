@@ -124,6 +124,17 @@ class Listen(Strict):
     port: int = Field(4000, ge=0, le=65535)
 
 
+class ServerLimits(Strict):
+    """What bounds a slow, malformed or greedy client (gateway/server.py)."""
+
+    header_timeout: float = Field(20.0, gt=0, description="seconds from a request's first byte to its last header")
+    body_timeout: float = Field(120.0, gt=0, description="seconds to receive a whole request body")
+    keepalive_timeout: float = Field(75.0, gt=0, description="seconds an idle connection stays open")
+    max_connections: int = Field(
+        512, ge=1, description="open client connections; past it a new one gets 503 and is closed "
+        "(capped below the process's descriptor limit)")
+
+
 class GatewayConfig(Strict):
     listen: Listen = Listen()
     body_limit_bytes: int = Field(16 * 1024 * 1024, gt=0)
@@ -137,7 +148,17 @@ class GatewayConfig(Strict):
     shutdown_grace: float = Field(
         20.0, ge=0, description="seconds SIGTERM waits for in-flight requests (queued ones get 503 + Retry-After "
         "at once); keep below the service manager's stop timeout (systemd TimeoutStopSec)")
+    server: ServerLimits = ServerLimits()
+    admin_keys: list[str] = Field(
+        [], description="sha256 hex digests of admin keys: with auth: keys, /status.json, /metrics, / and "
+        "/readyz details need one")
+    admin_key_env: str | None = Field(None, description="env var holding an admin key (hashed at start)")
     backends: dict[str, BackendConfig]
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _admin_hashes(cls, v: list[str]) -> list[str]:
+        return Policy._hashes(v)  # the same rule as team keys: digests only, never raw keys
 
     @field_validator("backends")
     @classmethod

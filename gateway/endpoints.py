@@ -4,22 +4,96 @@ receive -> classify -> decide -> admit -> dispatch (-> relay) -> record."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hmac
+import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from functools import wraps
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .config import GatewayConfig, Policy
 from .dispatch import Walk
-from .errors import GatewayError, NoBackendAvailable
+from .errors import GatewayError, NoBackendAvailable, Unauthorized
 from .firstrun import startup_state
-from .receive import receive
+from .receive import CHECKED_HEADERS, receive
 from .record import Decision
 from .runtime import Runtime
+from .schema import printable_ascii
+from .teams import hash_key
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+ADMIN: web.AppKey[tuple[str, ...]] = web.AppKey("admin_digests", tuple)
 STATIC = Path(__file__).parent / "static"
+
+
+def _authenticate(rt: Runtime, headers: Mapping[str, str]) -> Policy:
+    # A key that is not printable ASCII cannot be one of ours (and cannot be hashed as UTF-8).
+    if rt.settings.gateway.auth == "keys" and not printable_ascii(headers.get("Authorization", "")):
+        raise Unauthorized("invalid API key")
+    return rt.teams.authenticate(headers)
+
+
+# ---- ops endpoints follow `auth` ----------------------------------------------------------------
+
+def admin_digests(gw: GatewayConfig) -> tuple[str, ...]:
+    """Stored admin key digests, plus the digest of the key in `admin_key_env` (never kept raw)."""
+    digests = list(gw.admin_keys)
+    if gw.admin_key_env and (key := os.environ.get(gw.admin_key_env)):
+        digests.append(hash_key(key))
+    return tuple(digests)
+
+
+def _presented_key(headers: Mapping[str, str]) -> str | None:
+    """`Authorization: Bearer KEY` (scripts, Prometheus) or Basic with KEY as the password (browsers)."""
+    scheme, _, value = headers.get("Authorization", "").partition(" ")
+    value = value.strip()
+    if not value or not printable_ascii(value):
+        return None
+    if scheme.lower() == "bearer":
+        return value
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value, validate=True).decode("ascii").partition(":")[2] or None
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
+def is_admin(request: web.Request) -> bool:
+    if request.app[RUNTIME].settings.gateway.auth == "off":
+        return True
+    key = _presented_key(request.headers)
+    if key is None:
+        return False
+    digest = hash_key(key)
+    found = False
+    for stored in request.app[ADMIN]:  # every digest, constant time in the key
+        found |= hmac.compare_digest(stored, digest)
+    return found
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def admin_only(challenge: str) -> Callable[[Handler], Handler]:
+    """With `auth: keys`, the wrapped endpoint needs an admin key; `challenge` is the WWW-Authenticate
+    scheme (Basic on the status page makes a browser ask for the key once and send it on every poll)."""
+    def wrap(handler: Handler) -> Handler:
+        @wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if not is_admin(request):
+                return Unauthorized("this endpoint needs an admin key (Authorization: Bearer <admin key>)",
+                                    code="admin_key_required",
+                                    headers={"WWW-Authenticate": f'{challenge} realm="switchyard admin"'}).response()
+            return await handler(request)
+        return guarded
+    return wrap
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -32,9 +106,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         if rt.draining:
             raise NoBackendAvailable("Switchyard is shutting down; retry in a moment", headers={"Retry-After": "5"})
-        policy = rt.teams.authenticate(request.headers)
+        policy = _authenticate(rt, request.headers)
         decision.team = policy.team
-        req = await receive(request, rt.settings.gateway.body_limit_bytes)
+        gw = rt.settings.gateway
+        req = await receive(request, gw.body_limit_bytes, body_timeout=gw.server.body_timeout,
+                            header_names=_checked_headers(rt))
         profile = rt.router.classify(req, policy)
         decision.role, decision.role_source = profile.role, profile.role_source
         decision.client, decision.session = profile.client, profile.session
@@ -53,6 +129,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         decision.outcome = "client_gone"
         raise
+    except Exception:  # answered as a JSON 500 by the app's middleware; recorded as what it was
+        decision.outcome, decision.status, decision.error_code = "error", 500, "internal_error"
+        raise
     finally:
         rt.in_flight.discard(task)  # type: ignore[arg-type]
         decision.total_ms = (time.monotonic() - started) * 1000
@@ -62,7 +141,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
-        policy = rt.teams.authenticate(request.headers)
+        policy = _authenticate(rt, request.headers)
     except GatewayError as e:
         return e.response()
     created = int(rt.settings.path.stat().st_mtime) if rt.settings.path.exists() else 0
@@ -84,20 +163,30 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def _checked_headers(rt: Runtime) -> tuple[str, ...]:
+    pack = rt.classifier.pack
+    return tuple(dict.fromkeys((*CHECKED_HEADERS, *pack.session_headers, *pack.subagent_headers)))
+
+
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     backends = rt.backend_states()
     ready = any(v["ready"] and v["circuit"] != "open" for v in backends.values())
+    status = 200 if ready else 503
+    if not is_admin(request):  # load balancers need the verdict, not the names of teams and backends
+        return web.json_response({"status": "ready" if ready else "degraded"}, status=status)
     body = {"status": "ready" if ready else "degraded", "config": str(rt.settings.path),
             "policies": sorted(rt.teams.policies), "policy_errors": rt.teams.errors, "backends": backends}
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(body, status=status)
 
 
+@admin_only("Bearer")
 async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     return web.Response(body=rt.metrics.render(rt), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@admin_only("Bearer")
 async def status_json(request: web.Request) -> web.Response:
     """Everything the status page draws, in one read."""
     rt = request.app[RUNTIME]
@@ -110,5 +199,6 @@ async def status_json(request: web.Request) -> web.Response:
     })
 
 
-async def status_page(request: web.Request) -> web.FileResponse:
+@admin_only("Basic")
+async def status_page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC / "status.html", headers={"Cache-Control": "no-cache"})

@@ -41,9 +41,10 @@ class GatewayError(Exception):
 
     def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
         headers = {**self.headers, **(extra_headers or {})}
-        return web.Response(
-            status=self.status, body=self.body(), content_type="application/json", headers=headers
-        )
+        resp = web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
+        if headers.get("Connection", "").lower() == "close":
+            resp.force_close()  # the connection is unusable (e.g. a body we could not read to its end)
+        return resp
 
 
 def error_payload(message: str, type_: str, code: str | int | None) -> dict[str, Any]:
@@ -80,6 +81,12 @@ class ModelNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(GatewayError):

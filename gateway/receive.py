@@ -1,19 +1,31 @@
-"""Step 1: receive. Read the body within its limit and check it is a chat request.
+"""Step 1: receive. Read the body within its limit and time, and check it is a chat request.
 
-Only shape is checked here (what every backend would reject anyway); the upstream stays the
-judge of everything model-specific, and its 4xx is passed through untouched.
+Shape is checked here (gateway/schema.py: what every backend would reject anyway, or worse, answer
+with a 500 that counts against it); the upstream stays the judge of everything model-specific,
+and its 4xx is passed through untouched. A request that fails here never reaches a backend, so its
+fault can never move a breaker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
-from .errors import InvalidRequest, PayloadTooLarge
+from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+from .schema import check_control_fields, check_headers, check_tree, validate_body
+
+# Headers that are forwarded upstream or recorded (session ids); the signature pack adds its own.
+DECODED = frozenset({"identity", "", "gzip", "x-gzip", "deflate", "br", "zstd"})  # br/zstd: aiohttp says if it can
+CLOSE = {"Connection": "close"}  # after a body we could not read to its end, the connection is done
+CHECKED_HEADERS = ("x-session-id", "x-openwebui-chat-id", "x-session-affinity", "x-parent-session-id")
 
 
 @dataclass(slots=True)
@@ -27,26 +39,57 @@ class ChatRequest:
     max_tokens: int | None
 
 
-async def receive(request: web.Request, body_limit: int) -> ChatRequest:
+async def receive(request: web.Request, body_limit: int, *, body_timeout: float | None = None,
+                  header_names: Iterable[str] = CHECKED_HEADERS) -> ChatRequest:
     length = request.content_length
     if length is not None and length > body_limit:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {body_limit} bytes")
+    check_headers(request.headers, header_names)
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in DECODED:  # aiohttp would pass an unknown coding on as if it were plain JSON
+        raise InvalidRequest(f"Content-Encoding {coding[:40]!r} is not supported (use gzip, deflate or none)",
+                             code="unsupported_content_encoding", status=415)
     try:
-        raw = await request.read()
+        async with asyncio.timeout(body_timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
         raise PayloadTooLarge(f"request body exceeds the limit of {body_limit} bytes") from e
+    except TimeoutError as e:
+        # A slow or short body (Content-Length larger than what is sent, an unterminated chunked body)
+        # must not hold a connection and a task forever.
+        raise RequestTimeout(f"request body not received within {body_timeout:g} s", headers=CLOSE) from e
+    except (HttpProcessingError, RequestPayloadError, ValueError, OSError) as e:
+        # aiohttp's payload errors (bad chunk, a gzip body that does not decompress) arrive on read.
+        if isinstance(e, ConnectionResetError):
+            raise
+        raise InvalidRequest(f"request body could not be read: {_describe(e)}", code="invalid_body",
+                             headers=CLOSE) from e
     if len(raw) > body_limit:
         raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {body_limit} bytes")
     return parse_chat(raw, request.headers)
+
+
+def _describe(e: BaseException) -> str:
+    text = getattr(e, "message", None) or str(e) or type(e).__name__
+    return str(text).splitlines()[0][:200]
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")  # json.loads takes NaN/Infinity; no upstream does
 
 
 def parse_chat(raw: bytes, headers: CIMultiDictProxy[str]) -> ChatRequest:
     if not raw:
         raise InvalidRequest("request body is empty; expected a JSON chat completion request")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8")  # strictly: json.loads(bytes) would also take UTF-16 and raw surrogates
+        body = json.loads(text, parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"request body is not valid UTF-8 at byte {e.start}") from e
+    except ValueError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise InvalidRequest("request body is not valid JSON: nested too deeply") from e
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     messages = body.get("messages")
@@ -68,6 +111,9 @@ def parse_chat(raw: bytes, headers: CIMultiDictProxy[str]) -> ChatRequest:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("'tools' must be an array")
+    check_tree(body, text)
+    check_control_fields(body)
+    validate_body(body)
     so = body.get("stream_options")
     include_usage = bool(stream and isinstance(so, dict) and so.get("include_usage"))
     return ChatRequest(raw, body, headers, model, stream, include_usage, max_tokens)

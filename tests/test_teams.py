@@ -24,6 +24,7 @@ from tests.conftest import Gateway, config_for, write_config
 from tests.fake_hosted import FakeHosted
 
 KEY_A, KEY_B, KEY_C = "sy-alpha-key-0001", "sy-beta-key-0002", "sy-gamma-key-0003"
+ADMIN_KEY = "sy-admin-key-0004"  # /readyz details need it with auth: keys (issue 12)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -45,7 +46,8 @@ def team_policies() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture
 async def teams_gw(llama: LlamaServer, fake: FakeHosted, aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Gateway]:
-    gw_cfg, _ = config_for(llama.url, fake.url, data_dir=str(tmp_path / "data"), auth="keys", reload_interval=0.2)
+    gw_cfg, _ = config_for(llama.url, fake.url, data_dir=str(tmp_path / "data"), auth="keys", reload_interval=0.2,
+                           admin_keys=[hash_key(ADMIN_KEY)])
     path = write_config(tmp_path / "cfg", gw_cfg, team_policies())
     app = create_app(load_settings(path))
     gw = Gateway(await aiohttp_client(app), app[RUNTIME])
@@ -177,7 +179,7 @@ async def test_hot_reload_valid_and_broken_files_during_traffic(teams_gw: Gatewa
     await task
     assert set(statuses) == {200}, statuses  # no request failed across both reloads
     assert "local" in backends and backends[-1] == "hosted"  # the valid edit took effect, the broken one didn't
-    readyz = await (await teams_gw.client.get("/readyz")).json()
+    readyz = await (await teams_gw.client.get("/readyz", headers=auth(ADMIN_KEY))).json()
     assert any(f"{alpha_file}:4: invalid YAML" in e for e in readyz["policy_errors"]), readyz["policy_errors"]
     assert rt.teams.policies["alpha"].rules[-1].route == ["hosted"]  # the last good policy is kept
 
