@@ -75,6 +75,9 @@ async def test_a_title_between_turns_does_not_evict_the_conversation(llama_artif
         assert local["cache_hit_ratio"] > 0.5
         metrics = await (await gw.client.get("/metrics")).text()
         assert "switchyard_cached_prompt_tokens_total" in metrics
+        state = (await (await gw.client.get("/status.json")).json())["backends"]["local"]
+        assert state["learned"]["prefill"] and state["learned"]["decode"] and state["cache_hit_ratio"] > 0.5
+        assert third.predicted_ttft_ms is not None  # rates were learned from turns 1-2
     finally:
         llama.stop()
 
