@@ -204,10 +204,10 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
         except GatewayError as e:
             out.update(route=[], reason=e.message, error={"status": e.status, "code": e.code})
             return out
-        steps = [{"backend": s.backend, "kind": rt.backends[s.backend].place,
-                  "predicted_ttft_s": None if s.predicted is None else round(s.predicted, 3),
-                  "prediction": route.estimates[s.backend].parts if s.backend in route.estimates else None}
-                 for s in route.steps]
+        steps = [{"backend": s.backend, "kind": rt.backends[s.backend].place} for s in route.steps]
+        out["predicted_ttft"] = {  # each candidate's own estimate, with its parts (queue, cached tokens, rates)
+            name: {"seconds": None if e.seconds is None else round(e.seconds, 3), **e.parts}
+            for name, e in route.estimates.items()}
         out.update(tokens_in=route.tokens_in, tokens_method=route.tokens_method, route=steps,
                    reason=route.reason, rule=route.rule)
         out["team"] = policy.team
