@@ -146,10 +146,10 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
 def _in_words(backend: str, f: failures.UpstreamFailure) -> str:
     """What a person reading the chat should see, not an exception class name."""
     if f.kind is failures.Kind.CRASH:
-        return f"The {backend} model stopped responding mid-answer (its connection was lost); the answer is incomplete."
+        return f"The {backend} model stopped responding mid-stream (its connection was lost); the answer is incomplete."
     if f.kind is failures.Kind.TIMEOUT:
-        return f"The {backend} model went silent mid-answer ({f.message}); the answer is incomplete."
-    return f"The {backend} model's answer ended early ({f.message}); the answer is incomplete."
+        return f"The {backend} model went silent mid-stream ({f.message}); the answer is incomplete."
+    return f"The {backend} model's answer ended early, mid-stream ({f.message}); the answer is incomplete."
 
 
 def _without_usage_event(chunk: bytes) -> bytes:

@@ -148,8 +148,8 @@ class _Refuse(asyncio.Protocol):
     """Past `max_connections`: answer 503 at once and close, reading nothing."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport instances, but have the same methods
+        self.transport: Any = transport
         transport.write(raw_json_response(503, "the gateway is at its connection limit; retry shortly",
                                           "server_error", "gateway_overloaded"))
         # Half-close, then drop after a moment: closing with unread input would send a RST that can

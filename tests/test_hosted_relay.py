@@ -176,7 +176,7 @@ async def test_connection_refused_is_a_crash() -> None:
     b = HostedBackend("hosted", cfg)
     with pytest.raises(failures.UpstreamFailure) as info:
         await b.open(body(CHAT), {}, True)
-    assert info.value.kind is failures.Kind.CRASH and info.value.may_fail_over
+    assert info.value.kind is failures.Kind.CRASH and info.value.counts_against_backend
     await b.close()
 
 

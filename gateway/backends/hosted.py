@@ -23,9 +23,8 @@ from typing import Any
 
 import aiohttp
 
-from .. import catalog, failures
+from .. import catalog, failures, tokens
 from ..config import LiteLLMBackend as LiteLLMConfig
-from ..tokens import count_tiktoken
 from .base import Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
 from .litellm_wire import ProviderWire, WireRequest
 from .responses_sse import ResponsesToChat, response_to_completion
@@ -228,7 +227,7 @@ class HostedBackend:
 
     async def count_tokens(self, body: dict[str, Any]) -> int:
         # tiktoken on a 350 KB prompt takes ~16 ms: never on the event loop.
-        return await asyncio.to_thread(count_tiktoken, body)
+        return await asyncio.to_thread(tokens.count_tiktoken, body)
 
     async def fit(self, q: FitQuery) -> Fit:
         limit = self.context_window
