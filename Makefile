@@ -55,9 +55,11 @@ unit: install
 lint: install
 	$(BIN)/ruff check .
 
-bench: install
+bench: install llama-server
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.run
+	@# the "new chat" scenario on the real llama-server: the turn's first byte beside its title vs alone
+	$(BIN)/python -m bench.newchat --trials 5 --json bench/results/newchat-$$(date +%F).json
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules tests/opencode/node_modules .pytest_cache
