@@ -37,7 +37,7 @@ def slow_local(task_s: float, log: list[str], turn_s: float = 0.05) -> Any:
 
 async def test_the_turn_sent_just_after_the_title_gets_the_idle_slot_first(scripted: ScriptedFactory) -> None:
     log: list[str] = []
-    gw = await scripted(local=slow_local(0.3, log, turn_s=0.3))
+    gw = await scripted(local=slow_local(0.2, log, turn_s=0.2))
     title = asyncio.create_task(gw.chat(TITLE))
     await asyncio.sleep(0.05)  # opencode: 50 ms apart; Open WebUI: a moment apart
     started = time.monotonic()
@@ -69,9 +69,9 @@ async def test_a_running_title_gives_way_to_the_turn_and_is_answered_elsewhere(s
 
 async def test_a_preempted_task_with_nowhere_else_to_go_runs_after_the_turn(scripted: ScriptedFactory) -> None:
     log: list[str] = []
-    gw = await scripted(local=slow_local(0.4, log), policy={"rules": [{"route": ["local"]}]})
+    gw = await scripted(local=slow_local(0.25, log), policy={"rules": [{"route": ["local"]}]})
     title = asyncio.create_task(gw.chat(TITLE))
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.2)
     await (await gw.chat(turn())).read()
     t = await title
     assert t.status == 200 and t.headers["x-switchyard-backend"] == "local"
@@ -80,7 +80,7 @@ async def test_a_preempted_task_with_nowhere_else_to_go_runs_after_the_turn(scri
 
 async def test_interactive_work_is_never_preempted(scripted: ScriptedFactory) -> None:
     log: list[str] = []
-    gw = await scripted(local=slow_local(0, log, turn_s=0.3))
+    gw = await scripted(local=slow_local(0, log, turn_s=0.2))
     first = asyncio.create_task(gw.chat(turn("first")))
     await asyncio.sleep(0.1)
     second = await gw.chat(turn("second"))
@@ -91,11 +91,11 @@ async def test_interactive_work_is_never_preempted(scripted: ScriptedFactory) ->
 
 async def test_a_rule_can_make_background_work_not_preemptible(scripted: ScriptedFactory) -> None:
     log: list[str] = []
-    gw = await scripted(local=slow_local(0.4, log), policy={"rules": [
+    gw = await scripted(local=slow_local(0.25, log), policy={"rules": [
         {"match": {"role": "title"}, "route": ["local", "hosted"], "preemptible": False},
         {"route": ["local", "hosted"]}]})
     title = asyncio.create_task(gw.chat(TITLE))
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.2)
     await (await gw.chat(turn())).read()
     assert (await title).headers["x-switchyard-backend"] == "local"
     assert not any(e.startswith("cancelled") for e in log)
