@@ -59,7 +59,8 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     startup: dict[str, BuildProgress] = {}
     app[STARTUP] = startup
     for name, cfg in settings.gateway.backends.items():
-        if isinstance(cfg, LlamaCppBackend) and cfg.embedded and not await _answers(cfg.url):
+        if (isinstance(cfg, LlamaCppBackend) and cfg.embedded and name in rt.backends  # not a tier
+                and not await _answers(cfg.url)):
             backend = rt.backends[name]
             assert isinstance(backend, Local)
             startup[name] = progress = BuildProgress(name)
@@ -111,9 +112,10 @@ def _banner(settings: Settings, rt: Any, host: str, port: int, notes: list[str])
     lines = [f"switchyard listening on http://{host}:{port}/v1  (config {settings.path}, "
              f"teams: {', '.join(sorted(settings.policies))})",
              f"  status page: http://{host}:{port}/"]
+    members = settings.gateway.members()  # a tier's members, one line each
     for name, backend in rt.backends.items():
         probe = rt.last_probe.get(name)
-        cfg = settings.gateway.backends[name]
+        cfg = members[name]
         if isinstance(cfg, LiteLLMBackend):
             if cfg.api_key_env and not cfg.api_key:
                 state = f"NOT LIVE: set {cfg.api_key_env} to use it"

@@ -71,9 +71,38 @@ class BackendBase(Strict):
                              "idle slot, so an interactive turn sent just after it goes first")
 
 
+def _http(v: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return v.rstrip("/")
+
+
+class Member(Strict):
+    """One server of a local tier (a GPU, a box); a field left out takes the tier's value."""
+
+    url: str = Field(..., description="this server's address")
+    model: str | None = Field(None, description="model id sent upstream (a router-mode server picks by it)")
+    max_concurrency: int | None = Field(None, ge=1, description="this server's slots (its -np)")
+    context_limit: int | None = Field(None, gt=0, description="tokens; this server's safe ceiling")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        return _http(v)
+
+
 class LlamaCppBackend(BackendBase):
     kind: Literal["llamacpp"]
     url: str = "http://127.0.0.1:8080"
+    # A tier: several servers and/or a router-mode server's models, each its own member (named
+    # `tier@server`, `tier/model`, `tier@server/model`) with its own queue, breaker, probe and ceiling.
+    urls: list[str] | None = Field(None, min_length=1, description="several llama-servers as one tier: "
+                                   "members tier@0, tier@1, ... (each with this entry's settings)")
+    members: dict[str, Member] | None = Field(None, min_length=1, description="named servers as one tier: "
+                                              "members tier@NAME, each with its own url, slots and ceiling")
+    models: list[str] | None = Field(None, min_length=1, description="a router-mode server's models (llama-server "
+                                     "--models-dir/--models-preset) as members tier/MODEL, each with its own "
+                                     "breaker: one child's crash leaves the other models serving")
     context_limit: int | None = Field(32768, gt=0)
     max_concurrency: int | None = Field(1, ge=1)
     embedded: bool = Field(
@@ -92,9 +121,50 @@ class LlamaCppBackend(BackendBase):
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        return _http(v)
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, v: list[str] | None) -> list[str] | None:
+        return [_http(u) for u in v] if v else v
+
+    @field_validator("members")
+    @classmethod
+    def _member_names(cls, v: dict[str, Member] | None) -> dict[str, Member] | None:
+        for name in v or {}:
+            if not name or any(c in name for c in "@/ "):
+                raise ValueError(f"member name {name!r} must be non-empty, without '@', '/' or spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _one_server_list(self) -> LlamaCppBackend:
+        if self.urls and self.members:
+            raise ValueError("give either `urls` or `members`, not both")
+        return self
+
+    @property
+    def is_tier(self) -> bool:
+        return bool(self.urls or self.members or self.models)
+
+    def expand(self, name: str) -> dict[str, LlamaCppBackend]:
+        """Each member as a backend config of its own; a plain entry is itself, unchanged."""
+        if not self.is_tier:
+            return {name: self}
+        servers: list[tuple[str, dict[str, Any]]]
+        if self.members:
+            servers = [(f"{name}@{k}", {f: v for f, v in m.model_dump().items() if v is not None})
+                       for k, m in self.members.items()]
+        elif self.urls:
+            servers = [(f"{name}@{i}", {"url": u}) for i, u in enumerate(self.urls)]
+        else:
+            servers = [(name, {})]
+        flat = {"urls": None, "members": None, "models": None}
+        out: dict[str, LlamaCppBackend] = {}
+        for server, over in servers:
+            for model in self.models or [None]:
+                member = f"{server}/{model}" if model else server
+                out[member] = self.model_copy(update={**flat, **over, **({"model": model} if model else {})})
+        return out
 
 
 class LiteLLMBackend(BackendBase):
@@ -145,6 +215,17 @@ class GatewayConfig(Strict):
             if name in ("auto",):
                 raise ValueError(f"backend name {name!r} is reserved")
         return v
+
+    def members(self) -> dict[str, BackendBase]:
+        """Every backend that serves, a tier's members in place of the tier (what routing walks)."""
+        out: dict[str, BackendBase] = {}
+        for name, cfg in self.backends.items():
+            out.update(cfg.expand(name) if isinstance(cfg, LlamaCppBackend) else {name: cfg})
+        return out
+
+    def tiers(self) -> dict[str, list[str]]:
+        """tier name -> its members, in config order (only entries that list servers or models)."""
+        return {n: list(c.expand(n)) for n, c in self.backends.items() if isinstance(c, LlamaCppBackend) and c.is_tier}
 
 
 # ---- policies --------------------------------------------------------------------------------
@@ -329,6 +410,10 @@ def validate_file(model: type[_M], path: Path) -> _M:
     data, node = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue(str(path), 1, "", "expected a mapping at the top level")])
+    from .tiers import duplicate_keys
+
+    if duplicates := duplicate_keys(path, node):
+        raise ConfigError(duplicates)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -361,7 +446,13 @@ def policies_dir_of(config_path: Path, gateway: GatewayConfig) -> Path:
 
 
 def load_gateway(path: Path) -> GatewayConfig:
-    return validate_file(GatewayConfig, path)
+    from .tiers import tier_issues  # the tier checks build on this module's models
+
+    gateway = validate_file(GatewayConfig, path)
+    issues = tier_issues(path, gateway)
+    if issues:
+        raise ConfigError(issues)
+    return gateway
 
 
 def load_policies(directory: Path, gateway: GatewayConfig) -> tuple[dict[str, Policy], dict[str, Path]]:

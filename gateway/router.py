@@ -9,7 +9,7 @@ the benchmark and the serving runtime all decide through this one object; only t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .backends.base import Backend
@@ -43,17 +43,22 @@ class Router:
     teams: Teams
     classifier: Classifier
     decider: Decider
+    tiers: dict[str, list[str]] = field(default_factory=dict)  # tier -> its members, in config order
 
     @classmethod
     def build(cls, settings: Settings, backends: Mapping[str, Backend] | None = None) -> Router:
         """`backends` replaces the configured ones (tests script them in-process)."""
         gw = settings.gateway
         ceilings = CrashCeilings(state_path(gw.data_dir))  # reads the file if there is one; never writes
+        # A tier's members (servers, router-mode models) are backends of their own: own breaker,
+        # queue, probe and learned ceiling; the tier name lives on only in routes (decide.py).
+        members = gw.members()
         made = dict(backends) if backends is not None else {
-            n: build_backend(n, c, ceilings) for n, c in gw.backends.items()}
-        breakers = {n: CircuitBreaker(n, c.breaker) for n, c in gw.backends.items() if c.breaker and n in made}
+            n: build_backend(n, c, ceilings) for n, c in members.items()}
+        breakers = {n: CircuitBreaker(n, c.breaker) for n, c in members.items() if c.breaker and n in made}
+        tiers = {t: [m for m in ms if m in made] for t, ms in gw.tiers().items()}
         teams = Teams(gw, policies_dir_of(settings.path, gw), dict(settings.policies), dict(settings.policy_files))
-        return cls(settings, made, breakers, ceilings, teams, Classifier(), Decider(made, breakers))
+        return cls(settings, made, breakers, ceilings, teams, Classifier(), Decider(made, breakers, tiers), tiers)
 
     @property
     def policy(self) -> Policy:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,15 @@ REFRESH_EVERY = 15  # probe intervals between live n_ctx refreshes of healthy ba
 TRIAL_AFTER = 2.0  # seconds a half-open circuit waits for an interactive trial before sending its own
 
 
+def _load_view(queues: Mapping[str, SlotQueue]) -> Callable[[str], int]:
+    """Read-only: how busy a backend's queue is (slots in use + waiting), for ordering a tier's members."""
+    def load(name: str) -> int:
+        q = queues.get(name)
+        return q.busy + q.waiting if q is not None else 0
+
+    return load
+
+
 @dataclass
 class Runtime:
     """What serves: the router plus queues, limiters, the ledger, admission, probes and reload."""
@@ -63,10 +72,12 @@ class Runtime:
     def build(cls, settings: Settings, backends: Mapping[str, Backend] | None = None) -> Runtime:
         router = Router.build(settings, backends)
         gw = settings.gateway
-        queues = {n: SlotQueue(c.max_concurrency, c.lookahead) for n, c in gw.backends.items()
+        members = gw.members()  # a tier's members each get their own queue (their own slots)
+        queues = {n: SlotQueue(c.max_concurrency, c.lookahead) for n, c in members.items()
                   if c.max_concurrency and n in router.backends}
         limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
-                    for n, c in gw.backends.items() if c.rate_limit_per_minute and n in router.backends}
+                    for n, c in members.items() if c.rate_limit_per_minute and n in router.backends}
+        router.decider.load = _load_view(queues)
         ledger = Ledger(ledger_path(gw.data_dir, gw.ledger_path))
         admission = Admission(ledger.spent_this_month(month_start()))
         dispatcher = Dispatcher(router.backends, router.breakers, queues, limiters)
@@ -110,6 +121,8 @@ class Runtime:
             queue = self.queues.get(name)
             out[name] = {
                 "kind": b.place,
+                "tier": self.router.decider.tier_of.get(name),
+                "load_seconds": getattr(b, "load_seconds", None),  # a router-mode model's learned load time
                 "ready": probe.ready if probe else None,
                 "detail": probe.detail if probe else "not probed yet",
                 "context_window": b.context_window,

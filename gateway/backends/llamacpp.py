@@ -122,6 +122,8 @@ class LlamaCppBackend:
             # for a stream and assemble the answer, so closing frees the slot at once (assemble.py).
             data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
         t = self.config.timeouts
+        cold = self.model_state == "unloaded"  # router mode: this request starts the model's child
+        began = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(t.first_byte):
                 resp = await self._post(data)
@@ -129,6 +131,8 @@ class LlamaCppBackend:
                     if resp.status != 200:
                         raw = await resp.read()
                         raise failures.from_status(self.name, resp.status, resp.headers, raw)
+                    if cold:  # the router answers once the child is up: this wait was the load
+                        self.model_state, self.load_seconds = "loaded", asyncio.get_running_loop().time() - began
                     if not stream:
                         return await self._assembled(resp)
                     chunks = resp.content.iter_any()
@@ -206,6 +210,8 @@ class LlamaCppBackend:
     async def count_tokens(self, body: dict[str, Any]) -> int | None:
         """The model's own count, template and tools included; None when the server can't say."""
         payload = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        if self.config.model:  # a router counts with the model it is asked for (the client's may be "auto")
+            payload["model"] = self.config.model
         try:
             async with asyncio.timeout(10):
                 if self._count_route in (None, "input_tokens"):
@@ -255,28 +261,58 @@ class LlamaCppBackend:
                         return ProbeResult(False, "loading model")
                     if r.status != 200:
                         return ProbeResult(False, f"/health answered {r.status}")
-                # In router mode the parent answers /health even when the model's child died, so
-                # also ask for the model state; a single-model server answers /props.
+                # In router mode the parent answers /health (and a /props of its own, `role: router`)
+                # even when the model's child died, so the model's state comes from its /models.
                 async with self.session.get(f"{self.url}/props") as r:
                     if r.status == 200:
                         props = await r.json()
-                        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
-                        if n_ctx:
-                            self.live_n_ctx = int(n_ctx)
-                        return ProbeResult(True, "ready")
-                async with self.session.get(f"{self.url}/models") as r:
-                    if r.status == 200:
-                        models = (await r.json()).get("data") or []
-                        want = self.config.model
-                        for m in models:
-                            if want is None or m.get("id") == want:
-                                status = m.get("status")
-                                state = status.get("value") if isinstance(status, dict) else status
-                                if state not in (None, "loaded"):
-                                    return ProbeResult(False, f"model {m.get('id')} is {state}")
-                return ProbeResult(True, "ready")
+                        if props.get("role") != "router":
+                            self._note_n_ctx(props)
+                            return ProbeResult(True, "ready")
+                return await self._router_model_state()
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             return ProbeResult(False, f"unreachable: {type(e).__name__}")
+
+    # ---- router mode (llama-server --models-dir / --models-preset): one member per model ----
+    model_state: str | None = None  # the model's status.value in the router's /models, as last probed
+    load_seconds: float | None = None  # learned: first byte of the first request after `unloaded`
+
+    def _note_n_ctx(self, props: dict[str, Any]) -> None:
+        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
+        if n_ctx:
+            self.live_n_ctx = int(n_ctx)
+
+    async def _router_model_state(self) -> ProbeResult:
+        """`unloaded` is not down: the router starts the child on the first request (the load time is
+        learned then). A child that crashed is `unloaded` + `failed`, and the router reloads it on the
+        next request: ready, so an open circuit gets its trial. `--models-max` eviction is the same
+        `unloaded`, without `failed`: never a crash. Loading states are not ready yet."""
+        async with self.session.get(f"{self.url}/models") as r:
+            if r.status != 200:
+                return ProbeResult(True, "ready")
+            models = (await r.json()).get("data") or []
+        want = self.config.model
+        entry = next((m for m in models if want is None or want == m.get("id") or want in (m.get("aliases") or [])),
+                     None)
+        if entry is None:
+            return ProbeResult(False, f"the router serves no model {want!r}")
+        status = entry.get("status")
+        status = status if isinstance(status, dict) else {"value": status}
+        state = self.model_state = status.get("value")
+        name = entry.get("id")
+        if state in (None, "loaded"):
+            if want is not None:
+                async with self.session.get(f"{self.url}/props", params={"model": want}) as r:
+                    if r.status == 200:
+                        self._note_n_ctx(await r.json())
+            return ProbeResult(True, "ready")
+        if state == "unloaded":
+            load = f"; last load {self.load_seconds:.1f}s" if self.load_seconds is not None else ""
+            if status.get("failed"):
+                return ProbeResult(True, f"model {name} child exited ({status.get('exit_code')}); "
+                                   f"the router reloads it on the next request{load}")
+            return ProbeResult(True, f"model {name} unloaded: loads on the first request{load}")
+        return ProbeResult(False, f"model {name} is {state}")
 
     async def close(self) -> None:
         for s in (self._session, self._fresh):
