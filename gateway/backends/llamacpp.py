@@ -30,6 +30,7 @@ from .assemble import assemble, sse_objects
 from .base import Fit, FitQuery, ProbeResult, Upstream, empty_rest
 
 _JSON = {"Content-Type": "application/json"}
+_ROUTER_ERROR = b"proxy error:"  # a router-mode parent's text when its child fails (b11434)
 log = logging.getLogger("switchyard")
 
 
@@ -139,6 +140,10 @@ class LlamaCppBackend:
                     first = await anext(chunks, b"")
                     if not first:
                         raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "stream closed before any data")
+                    if first.startswith(_ROUTER_ERROR):
+                        # Router mode: the parent has already answered 200 for the stream when the child dies,
+                        # then writes this plain-text line instead of events. Still before the first byte.
+                        raise failures.from_status(self.name, 502, resp.headers, first)
                 except BaseException:
                     resp.close()
                     raise
