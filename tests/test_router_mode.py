@@ -35,7 +35,7 @@ class RouterServer:
         for name in MODELS:
             (self.dir / f"{name}.gguf").symlink_to(artifacts.model)
         self.port = free_port()
-        log = open(directory / "router.log", "ab")  # noqa: SIM115 - the process owns it
+        log = open(directory / "router.log", "ab")
         args = [str(artifacts.binary), "--models-dir", str(self.dir), "--models-max", str(models_max),
                 "--host", "127.0.0.1", "--port", str(self.port), "-np", "1", "-c", str(LLAMA_CTX), "-t", "1"]
         # GGML_NO_BACKTRACE: a crashing child must exit at once, not wait on a debugger.
