@@ -119,7 +119,8 @@ async def test_a_child_crash_opens_only_its_models_breaker_and_the_router_brings
     gw = await router_gateway(make_gateway, server, fake)
     # Unloaded is not down: both models are ready before any child runs.
     states = (await (await gw.client.get("/readyz")).json())["backends"]
-    assert states["local/smol-a"]["ready"] and "unloaded: loads on the first request" in states["local/smol-a"]["detail"]
+    cold = states["local/smol-a"]
+    assert cold["ready"] and "unloaded: loads on the first request" in cold["detail"]
 
     # Each model routes to its own member (and its own child).
     for model in MODELS:
@@ -149,6 +150,7 @@ async def test_a_child_crash_opens_only_its_models_breaker_and_the_router_brings
 
     # The probe reads smol-a's state from the router; the trial reloads its child and closes the circuit.
     await until(lambda: gw.runtime.breakers["local/smol-a"].state is State.CLOSED, timeout=30)
+    assert [t.new for t in gw.runtime.breakers["local/smol-a"].history][-2:] == [State.HALF_OPEN, State.CLOSED]
     resp = await gw.chat(chat_body("hi", max_tokens=4))
     assert resp.status == 200 and resp.headers["x-switchyard-backend"] == "local/smol-a"
     assert fake.requests == []
