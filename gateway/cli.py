@@ -206,7 +206,9 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
         except GatewayError as e:
             out.update(route=[], reason=e.message, error={"status": e.status, "code": e.code})
             return out
-        steps = [{"backend": s.backend, "kind": rt.backends[s.backend].place} for s in route.steps]
+        tier_of = rt.decider.tier_of  # a tier's member says which tier it stands in for
+        steps = [{"backend": s.backend, "kind": rt.backends[s.backend].place,
+                  **({"tier": tier_of[s.backend]} if s.backend in tier_of else {})} for s in route.steps]
         out.update(tokens_in=route.tokens_in, tokens_method=route.tokens_method, route=steps,
                    reason=route.reason, rule=route.rule)
         out["team"] = policy.team

@@ -202,3 +202,17 @@ async def test_models_readyz_and_metrics_show_one_row_per_member(tiered: Any) ->
     text = await (await gw.client.get("/metrics")).text()
     assert 'switchyard_circuit_state{backend="local@gpu1"}' in text
     assert 'switchyard_queue_busy{backend="local@gpu0"}' in text
+
+
+def test_explain_names_the_member_that_would_take_the_request_and_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway import cli
+
+    settings = tier_settings(tmp_path, TWO_GPUS)
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}))
+    assert cli.main(["explain", str(request), "--config", str(settings.path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["route"][:2] == [{"backend": "local@gpu0", "kind": "local", "tier": "local"},
+                                {"backend": "local@gpu1", "kind": "local", "tier": "local"}]
+    assert "local: local@gpu0 first (local@gpu0 closed load 0, local@gpu1 closed load 0)" in out["reason"]
