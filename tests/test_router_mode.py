@@ -21,6 +21,7 @@ from gateway.breaker import State
 from gateway.embedded import Artifacts, free_port
 from tests.conftest import LLAMA_CTX, GatewayFactory, chat_body, config_for
 from tests.fake_hosted import FakeHosted
+from tests.test_core_routing import sse_events
 from tests.test_resilience import LONG_PROMPT, until
 
 MODELS = ("smol-a", "smol-b")
@@ -170,3 +171,24 @@ async def test_models_max_eviction_is_not_a_crash(router_server: Callable[[int],
     assert states["local/smol-b"]["ready"] and "unloaded" in states["local/smol-b"]["detail"]
     assert all(b.state is State.CLOSED for b in gw.runtime.breakers.values())
     assert fake.requests == []
+
+
+async def test_a_child_crash_mid_stream_ends_the_stream_cleanly_and_counts_as_a_crash(
+        router_server: Callable[[int], RouterServer], make_gateway: GatewayFactory, fake: FakeHosted) -> None:
+    server = router_server(2)
+    gw = await router_gateway(make_gateway, server, fake)
+    resp = await gw.chat(chat_body("Write a very long story about a lighthouse.", max_tokens=2000, stream=True,
+                                   model="local/smol-a"))
+    assert resp.status == 200 and resp.headers["x-switchyard-backend"] == "local/smol-a"
+    first = await resp.content.readany()
+    assert first.startswith(b"data: ")
+    os.kill(server.child("smol-a")[0], signal.SIGSEGV)
+    rest = await asyncio.wait_for(resp.read(), 20)
+    # The parent writes `proxy error: Failed to read connection` into the stream: never to the client.
+    assert b"proxy error" not in first + rest
+    events = sse_events(first + rest)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "upstream_stream_broken"
+    assert gw.last.outcome == "broken_stream" and gw.last.error_code == "crash"
+    opened = [t for t in gw.runtime.breakers["local/smol-a"].history if t.new is State.OPEN]
+    assert opened and "crash" in opened[0].why
+    assert not gw.runtime.breakers["local/smol-b"].history

@@ -337,6 +337,15 @@ def _closer(resp: aiohttp.ClientResponse) -> Any:
     return close
 
 
+def _router_error_at(chunk: bytes) -> int | None:
+    """Where a router-mode parent's `proxy error:` line starts in a stream chunk, if it does. Only at
+    a line start: the model's own text is inside JSON strings, where a newline is always escaped."""
+    if chunk.startswith(_ROUTER_ERROR):
+        return 0
+    at = chunk.find(b"\n" + _ROUTER_ERROR)
+    return at + 1 if at >= 0 else None
+
+
 class _Watchdog:
     """Idle and total limits of a stream, for the price of one timer per stream (not per chunk):
     each chunk only stamps the time; the timer closes the response when a limit passes."""
@@ -370,6 +379,11 @@ async def _guarded(name: str, chunks: AsyncIterator[bytes], dog: _Watchdog) -> A
     try:
         async for chunk in chunks:
             dog.last = loop.time()
+            cut = _router_error_at(chunk)
+            if cut is not None:  # router mode: the child died mid-stream; the parent wrote its text
+                if cut:
+                    yield chunk[:cut]
+                raise failures.from_status(name, 502, None, chunk[cut:].strip())
             yield chunk
         if dog.fired:  # closing may end the read quietly instead of raising
             raise failures.UpstreamFailure(failures.Kind.TIMEOUT, name, dog.fired)
