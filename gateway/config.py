@@ -100,9 +100,10 @@ class LlamaCppBackend(BackendBase):
                                    "members tier@0, tier@1, ... (each with this entry's settings)")
     members: dict[str, Member] | None = Field(None, min_length=1, description="named servers as one tier: "
                                               "members tier@NAME, each with its own url, slots and ceiling")
-    models: list[str] | None = Field(None, min_length=1, description="a router-mode server's models (llama-server "
-                                     "--models-dir/--models-preset) as members tier/MODEL, each with its own "
-                                     "breaker: one child's crash leaves the other models serving")
+    models: list[str] | Literal["discover"] | None = Field(
+        None, min_length=1, description="a router-mode server's models (llama-server --models-dir/--models-preset) "
+        "as members tier/MODEL, each with its own breaker: one child's crash leaves the other models serving; "
+        "`discover`: every model the router's GET /models lists at start (policies then name only the tier)")
     context_limit: int | None = Field(32768, gt=0)
     max_concurrency: int | None = Field(1, ge=1)
     embedded: bool = Field(
@@ -140,14 +141,17 @@ class LlamaCppBackend(BackendBase):
     def _one_server_list(self) -> LlamaCppBackend:
         if self.urls and self.members:
             raise ValueError("give either `urls` or `members`, not both")
+        if self.models == "discover" and (self.urls or self.members):
+            raise ValueError("`models: discover` asks one router (`url`), not `urls` or `members`")
         return self
 
     @property
     def is_tier(self) -> bool:
         return bool(self.urls or self.members or self.models)
 
-    def expand(self, name: str) -> dict[str, LlamaCppBackend]:
-        """Each member as a backend config of its own; a plain entry is itself, unchanged."""
+    def expand(self, name: str, discovered: list[str] | None = None) -> dict[str, LlamaCppBackend]:
+        """Each member as a backend config of its own; a plain entry is itself, unchanged.
+        With `models: discover` the models are what the router listed (none before it is asked)."""
         if not self.is_tier:
             return {name: self}
         servers: list[tuple[str, dict[str, Any]]]
@@ -161,7 +165,8 @@ class LlamaCppBackend(BackendBase):
         flat = {"urls": None, "members": None, "models": None}
         out: dict[str, LlamaCppBackend] = {}
         for server, over in servers:
-            for model in self.models or [None]:
+            models = (discovered or []) if self.models == "discover" else (self.models or [None])
+            for model in models:
                 member = f"{server}/{model}" if model else server
                 out[member] = self.model_copy(update={**flat, **over, **({"model": model} if model else {})})
         return out

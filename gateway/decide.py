@@ -98,7 +98,7 @@ class Decider:
         self.backends = backends
         self.breakers = breakers
         # Local tiers: a tier name in a route stands for its members (see _expand).
-        self.tiers = dict(tiers or {})
+        self.tiers: dict[str, list[str]] = tiers if isinstance(tiers, dict) else dict(tiers or {})  # router's own
         self.tier_of = {m: t for t, ms in self.tiers.items() for m in ms}
         self.load: Callable[[str], int] = lambda _name: 0  # the runtime's read-only queue view (busy + waiting)
         self.pins = SessionPins()

@@ -71,6 +71,15 @@ class Router:
     async def decide(self, req: ChatRequest, profile: RequestProfile, policy: Policy) -> Route:
         return await self.decider.decide(req.body, req.headers, profile, policy)
 
+    def add_member(self, tier: str, name: str, cfg: Any) -> Backend:
+        """A member found after start (`models: discover`): a backend like the configured ones."""
+        backend = self.backends[name] = build_backend(name, cfg, self.ceilings)
+        if cfg.breaker:
+            self.breakers[name] = CircuitBreaker(name, cfg.breaker)
+        self.tiers.setdefault(tier, []).append(name)  # the decider's own map: it routes there from now on
+        self.decider.tier_of[name] = tier
+        return backend
+
     async def close(self) -> None:
         for b in self.backends.values():
             await b.close()

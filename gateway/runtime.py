@@ -32,6 +32,7 @@ from .record import Recorder
 from .router import Router
 from .slots import SlotQueue
 from .teams import Teams
+from .tiers import discover_members
 
 log = logging.getLogger("switchyard")
 
@@ -175,8 +176,17 @@ class Runtime:
         await loopwatch.stop()
 
     async def refresh_all(self) -> None:
+        await self.discover()
         results = await asyncio.gather(*(b.probe() for b in self.backends.values()))
         self.last_probe = dict(zip(self.backends, results, strict=True))
+
+    async def discover(self) -> None:
+        """`models: discover`: a router's models become members, each with its own queue."""
+        for tier, name, cfg in await discover_members(self.settings.gateway, self.backends):
+            self.router.add_member(tier, name, cfg)
+            if cfg.max_concurrency:
+                self.queues[name] = SlotQueue(cfg.max_concurrency, cfg.lookahead)
+            log.info("tier %s: discovered member %s", tier, name)
 
     async def _reload_loop(self) -> None:
         """Hot reload: changed policy files take effect for the next request, never mid-request."""

@@ -8,6 +8,7 @@ backend per member, and decide.py orders a tier's members per request.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import yaml
@@ -61,7 +62,7 @@ def tier_issues(path: Path, gateway: GatewayConfig) -> list[ConfigIssue]:
                                           f"duplicate member: {url} is listed twice"))
             servers.setdefault((url, None), str(j))
         seen: set[str] = set()
-        for j, model in enumerate(cfg.models or []):
+        for j, model in enumerate(cfg.models if isinstance(cfg.models, list) else []):
             if model in seen:
                 issues.append(ConfigIssue(str(path), line_of(path, *where, "models", j),
                                           f"backends.{name}.models.{j}", f"duplicate member: model {model!r} is "
@@ -73,3 +74,17 @@ def tier_issues(path: Path, gateway: GatewayConfig) -> list[ConfigIssue]:
                                           f"member {member!r} has the name of another backend"))
             taken.add(member)
     return issues
+
+
+async def discover_members(gateway: GatewayConfig, known: Collection[str]) -> list[tuple[str, str, LlamaCppBackend]]:
+    """(tier, member, config) for each model a `models: discover` router lists that is not a backend
+    yet. Asked at start and at each live refresh: a model added to the router's directory joins; one
+    removed stays a member (its probe says the router no longer serves it)."""
+    from .backends.llamacpp import router_models  # the only I/O here, kept in the backend's module
+
+    out: list[tuple[str, str, LlamaCppBackend]] = []
+    for tier, cfg in gateway.backends.items():
+        if isinstance(cfg, LlamaCppBackend) and cfg.models == "discover":
+            ids = await router_models(cfg.url, cfg.timeouts.connect)
+            out += [(tier, name, member) for name, member in cfg.expand(tier, ids or []).items() if name not in known]
+    return out

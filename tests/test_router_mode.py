@@ -98,10 +98,11 @@ def router_server(llama_artifacts: Artifacts, tmp_path: Path) -> Iterator[Callab
         s.stop()
 
 
-async def router_gateway(make_gateway: GatewayFactory, server: RouterServer, fake: FakeHosted) -> Any:
+async def router_gateway(make_gateway: GatewayFactory, server: RouterServer, fake: FakeHosted,
+                         models: Any = MODELS) -> Any:
     await until(lambda: ready(server), timeout=30)
     backends = config_for(server.url, fake.url)[0]["backends"]
-    backends["local"]["models"] = list(MODELS)
+    backends["local"]["models"] = list(models) if isinstance(models, tuple) else models
     backends["local"]["timeouts"]["first_byte"] = 60  # a cold child loads first
     return await make_gateway(server.url, backends=backends)
 
@@ -157,10 +158,11 @@ async def test_a_child_crash_opens_only_its_models_breaker_and_the_router_brings
     assert fake.requests == []
 
 
-async def test_models_max_eviction_is_not_a_crash(router_server: Callable[[int], RouterServer],
+async def test_discovered_models_and_models_max_eviction_is_not_a_crash(router_server: Callable[[int], RouterServer],
                                                   make_gateway: GatewayFactory, fake: FakeHosted) -> None:
     server = router_server(1)  # one child at a time: loading one model unloads the other
-    gw = await router_gateway(make_gateway, server, fake)
+    gw = await router_gateway(make_gateway, server, fake, models="discover")
+    assert gw.runtime.router.tiers == {"local": ["local/smol-a", "local/smol-b"]}  # what the router listed
     for model in (*MODELS, MODELS[0]):
         resp = await gw.chat(chat_body("hi", max_tokens=4, model=f"local/{model}"))
         assert resp.status == 200 and resp.headers["x-switchyard-backend"] == f"local/{model}"

@@ -279,6 +279,7 @@ class LlamaCppBackend:
             return ProbeResult(False, f"unreachable: {type(e).__name__}")
 
     # ---- router mode (llama-server --models-dir / --models-preset): one member per model ----
+
     model_state: str | None = None  # the model's status.value in the router's /models, as last probed
     load_seconds: float | None = None  # learned: first byte of the first request after `unloaded`
 
@@ -323,6 +324,18 @@ class LlamaCppBackend:
         for s in (self._session, self._fresh):
             if s is not None:
                 await s.close()
+
+
+async def router_models(url: str, timeout: float = 5.0) -> list[str] | None:
+    """The model ids a router-mode server lists (`models: discover`); None when it cannot say."""
+    try:
+        async with aiohttp.ClientSession() as s, asyncio.timeout(timeout), s.get(f"{url}/models") as r:
+            if r.status != 200:
+                return None
+            data = (await r.json()).get("data") or []
+        return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+        return None
 
 
 async def _noop() -> None:

@@ -64,6 +64,13 @@ def test_members_urls_and_models_expand_into_named_members(tmp_path: Path) -> No
     assert s.gateway.tiers() == {"local": ["local@gpu0/a", "local@gpu1/a"]}
 
 
+def test_models_discover_has_no_member_until_the_router_is_asked(tmp_path: Path) -> None:
+    s = tier_settings(tmp_path, {"models": "discover"})
+    assert s.gateway.tiers() == {"local": []} and list(s.gateway.members()) == ["hosted"]
+    local = s.gateway.backends["local"]
+    assert {n: c.model for n, c in local.expand("local", ["a", "b"]).items()} == {"local/a": "a", "local/b": "b"}
+
+
 def test_a_plain_entry_is_not_a_tier(tmp_path: Path) -> None:
     s = tier_settings(tmp_path, {})
     assert list(s.gateway.members()) == ["local", "hosted"] and s.gateway.tiers() == {}
@@ -87,6 +94,8 @@ POLICY_OK = "team: default\nrules:\n  - route: [local]\n"
     ("    members:\n      gpu@0: {url: 'http://127.0.0.1:9001'}\n", 5, "without '@', '/' or spaces"),
     ("    urls: ['http://127.0.0.1:9001']\n    members:\n      gpu0: {url: 'http://127.0.0.1:9002'}\n", 3,
      "either `urls` or `members`"),
+    ("    urls: ['http://127.0.0.1:9001']\n    models: discover\n", 3, "`models: discover` asks one router"),
+    ("    models: []\n", 4, "models"),
 ])
 def test_tier_config_errors_name_file_and_line(tmp_path: Path, tier_yaml: str, line: int, reason: str) -> None:
     path = write_raw(tmp_path, GW_HEAD + tier_yaml, POLICY_OK)
