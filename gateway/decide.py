@@ -100,7 +100,8 @@ class Decider:
         # Local tiers: a tier name in a route stands for its members (see _expand).
         self.tiers: dict[str, list[str]] = tiers if isinstance(tiers, dict) else dict(tiers or {})  # router's own
         self.tier_of = {m: t for t, ms in self.tiers.items() for m in ms}
-        self.load: Callable[[str], int] = lambda _name: 0  # the runtime's read-only queue view (busy + waiting)
+        # The runtime's read-only queue view: (slots in use + waiting, slots) of a backend.
+        self.load: Callable[[str], tuple[int, int]] = lambda _name: (0, 0)
         self.pins = SessionPins()
         # `explain --live`: why each backend is unusable as the *running gateway* sees it (None: usable),
         # instead of judging from this process's own environment.
@@ -115,8 +116,8 @@ class Decider:
 
     def _expand(self, route: list[str]) -> tuple[list[str], list[str]]:
         """A tier becomes its members: closed circuits first, then the least loaded (slots in use +
-        waiting), then config order. A member named earlier in the route keeps its place. Returns the
-        names and, per tier with a choice, why its first member leads (for the reason / explain)."""
+        waiting, per slot it has), then config order. A member named earlier in the route keeps its
+        place. Returns the names and, per tier with a choice, why its first member leads (for explain)."""
         names: list[str] = []
         why: list[str] = []
         for name in route:
@@ -124,10 +125,12 @@ class Decider:
             if members is None:
                 names.append(name)
                 continue
-            ranked = sorted((m for m in members if m not in names), key=lambda m: (self._health_rank(m), self.load(m)))
+            loads = {m: self.load(m) for m in members if m not in names}
+            ranked = sorted(loads, key=lambda m: (self._health_rank(m), loads[m][0] / max(1, loads[m][1])))
             if len(ranked) > 1:
                 why.append(f"{name}: {ranked[0]} first ("
-                           + ", ".join(f"{m} {self._state(m)} load {self.load(m)}" for m in ranked) + ")")
+                           + ", ".join(f"{m} {self._state(m)}" + (f" {loads[m][0]}/{loads[m][1]} busy" if loads[m][1]
+                                                                  else "") for m in ranked) + ")")
             names.extend(ranked)
         return names, why
 

@@ -41,11 +41,11 @@ REFRESH_EVERY = 15  # probe intervals between live n_ctx refreshes of healthy ba
 TRIAL_AFTER = 2.0  # seconds a half-open circuit waits for an interactive trial before sending its own
 
 
-def _load_view(queues: Mapping[str, SlotQueue]) -> Callable[[str], int]:
-    """Read-only: how busy a backend's queue is (slots in use + waiting), for ordering a tier's members."""
-    def load(name: str) -> int:
+def _load_view(queues: Mapping[str, SlotQueue]) -> Callable[[str], tuple[int, int]]:
+    """Read-only: (slots in use + waiting, slots) of a backend's queue, for ordering a tier's members."""
+    def load(name: str) -> tuple[int, int]:
         q = queues.get(name)
-        return q.busy + q.waiting if q is not None else 0
+        return (q.busy + q.waiting, q.capacity) if q is not None else (0, 0)
 
     return load
 

@@ -153,7 +153,16 @@ async def test_a_tier_in_a_route_expands_to_its_members_least_loaded_first(tiere
     async with gw.runtime.queues["local@gpu0"].slot(0, 1.0, False):  # gpu0 busy: gpu1 leads
         route = await route_of(gw)
     assert [s.backend for s in route.steps] == ["local@gpu1", "local@gpu0", "hosted"]
-    assert "local: local@gpu1 first (local@gpu1 closed load 0, local@gpu0 closed load 1)" in route.reason
+    assert "local: local@gpu1 first (local@gpu1 closed 0/2 busy, local@gpu0 closed 1/1 busy)" in route.reason
+
+
+async def test_load_is_per_slot_a_member_with_a_free_slot_leads(tiered: Any) -> None:
+    gw = await tiered()  # gpu0 has one slot, gpu1 two
+    async with gw.runtime.queues["local@gpu1"].slot(0, 1.0, False):  # gpu1 half busy, gpu0 idle: gpu0
+        assert (await route_of(gw)).steps[0].backend == "local@gpu0"
+        async with gw.runtime.queues["local@gpu0"].slot(0, 1.0, False):  # gpu0 full, gpu1 has a free slot
+            route = await route_of(gw)
+    assert [s.backend for s in route.steps] == ["local@gpu1", "local@gpu0", "hosted"]
 
 
 async def test_an_open_member_drops_out_and_the_other_keeps_the_tier(tiered: Any) -> None:
@@ -224,4 +233,4 @@ def test_explain_names_the_member_that_would_take_the_request_and_why(
     out = json.loads(capsys.readouterr().out)
     assert out["route"][:2] == [{"backend": "local@gpu0", "kind": "local", "tier": "local"},
                                 {"backend": "local@gpu1", "kind": "local", "tier": "local"}]
-    assert "local: local@gpu0 first (local@gpu0 closed load 0, local@gpu1 closed load 0)" in out["reason"]
+    assert "local: local@gpu0 first (local@gpu0 closed, local@gpu1 closed)" in out["reason"]
