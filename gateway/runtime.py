@@ -177,8 +177,9 @@ class Runtime:
 
     async def refresh_all(self) -> None:
         await self.discover()
-        results = await asyncio.gather(*(b.probe() for b in self.backends.values()))
-        self.last_probe = dict(zip(self.backends, results, strict=True))
+        backends = list(self.backends.items())  # a discovery may add members while the probes run
+        results = await asyncio.gather(*(b.probe() for _, b in backends))
+        self.last_probe.update(zip((n for n, _ in backends), results, strict=True))
 
     async def discover(self) -> None:
         """`models: discover`: a router's models become members, each with its own queue."""
