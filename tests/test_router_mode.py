@@ -104,6 +104,7 @@ async def router_gateway(make_gateway: GatewayFactory, server: RouterServer, fak
     backends = config_for(server.url, fake.url)[0]["backends"]
     backends["local"]["models"] = list(models) if isinstance(models, tuple) else models
     backends["local"]["timeouts"]["first_byte"] = 60  # a cold child loads first
+    backends["local"]["context_limit"] = 100_000  # so the window shown is the children's own -c
     return await make_gateway(server.url, backends=backends)
 
 
@@ -123,6 +124,8 @@ async def test_a_child_crash_opens_only_its_models_breaker_and_the_router_brings
     states = (await (await gw.client.get("/readyz")).json())["backends"]
     cold = states["local/smol-a"]
     assert cold["ready"] and "unloaded: loads on the first request" in cold["detail"]
+    assert cold["context_window"] == LLAMA_CTX  # from the child's arguments in /models...
+    assert server.state("smol-a") == server.state("smol-b") == "unloaded"  # ...so probing loaded nothing
 
     # Each model routes to its own member (and its own child).
     for model in MODELS:

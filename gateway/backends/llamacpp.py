@@ -306,11 +306,13 @@ class LlamaCppBackend:
         status = status if isinstance(status, dict) else {"value": status}
         state = self.model_state = status.get("value")
         name = entry.get("id")
+        # The child's context comes from its arguments: `/props?model=` would load an unloaded model
+        # (checked on b11434), evicting another under --models-max.
+        args = [str(a) for a in status.get("args") or []]
+        for flag in ("--ctx-size", "-c"):
+            if flag in args[:-1] and args[args.index(flag) + 1].isdigit() and int(args[args.index(flag) + 1]):
+                self.live_n_ctx = int(args[args.index(flag) + 1])
         if state in (None, "loaded"):
-            if want is not None:
-                async with self.session.get(f"{self.url}/props", params={"model": want}) as r:
-                    if r.status == 200:
-                        self._note_n_ctx(await r.json())
             return ProbeResult(True, "ready")
         if state == "unloaded":
             load = f"; last load {self.load_seconds:.1f}s" if self.load_seconds is not None else ""
