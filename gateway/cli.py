@@ -112,7 +112,9 @@ def _banner(settings: Settings, rt: Any, host: str, port: int, notes: list[str])
     lines = [f"switchyard listening on http://{host}:{port}/v1  (config {settings.path}, "
              f"teams: {', '.join(sorted(settings.policies))})",
              f"  status page: http://{host}:{port}/"]
-    members = settings.gateway.members()  # a tier's members, one line each
+    from .tiers import members as tier_members
+
+    members = tier_members(settings.gateway)  # a tier's members, one line each
     for name, backend in rt.backends.items():
         probe = rt.last_probe.get(name)
         cfg = members[name]

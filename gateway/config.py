@@ -149,28 +149,6 @@ class LlamaCppBackend(BackendBase):
     def is_tier(self) -> bool:
         return bool(self.urls or self.members or self.models)
 
-    def expand(self, name: str, discovered: list[str] | None = None) -> dict[str, LlamaCppBackend]:
-        """Each member as a backend config of its own; a plain entry is itself, unchanged.
-        With `models: discover` the models are what the router listed (none before it is asked)."""
-        if not self.is_tier:
-            return {name: self}
-        servers: list[tuple[str, dict[str, Any]]]
-        if self.members:
-            servers = [(f"{name}@{k}", {f: v for f, v in m.model_dump().items() if v is not None})
-                       for k, m in self.members.items()]
-        elif self.urls:
-            servers = [(f"{name}@{i}", {"url": u}) for i, u in enumerate(self.urls)]
-        else:
-            servers = [(name, {})]
-        flat = {"urls": None, "members": None, "models": None}
-        out: dict[str, LlamaCppBackend] = {}
-        for server, over in servers:
-            models = (discovered or []) if self.models == "discover" else (self.models or [None])
-            for model in models:
-                member = f"{server}/{model}" if model else server
-                out[member] = self.model_copy(update={**flat, **over, **({"model": model} if model else {})})
-        return out
-
 
 class LiteLLMBackend(BackendBase):
     kind: Literal["litellm"]
@@ -220,17 +198,6 @@ class GatewayConfig(Strict):
             if name in ("auto",):
                 raise ValueError(f"backend name {name!r} is reserved")
         return v
-
-    def members(self) -> dict[str, BackendBase]:
-        """Every backend that serves, a tier's members in place of the tier (what routing walks)."""
-        out: dict[str, BackendBase] = {}
-        for name, cfg in self.backends.items():
-            out.update(cfg.expand(name) if isinstance(cfg, LlamaCppBackend) else {name: cfg})
-        return out
-
-    def tiers(self) -> dict[str, list[str]]:
-        """tier name -> its members, in config order (only entries that list servers or models)."""
-        return {n: list(c.expand(n)) for n, c in self.backends.items() if isinstance(c, LlamaCppBackend) and c.is_tier}
 
 
 # ---- policies --------------------------------------------------------------------------------

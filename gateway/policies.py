@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, ConfigIssue, GatewayConfig, Policy, line_of, validate_file
+from .tiers import tiers as tier_map
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def policy_paths(directory: Path) -> list[Path]:
 def check_references(path: Path, policy: Policy, gateway: GatewayConfig) -> list[ConfigIssue]:
     """Every backend a policy names must exist in switchyard.yaml: a backend, a tier or a tier's member."""
     issues = []
-    tiers = gateway.tiers()
+    tiers = tier_map(gateway)
     known = set(gateway.backends) | {m for ms in tiers.values() for m in ms}
     for i, rule in enumerate(policy.rules):
         for j, name in enumerate(rule.route):

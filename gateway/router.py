@@ -23,6 +23,8 @@ from .config import LlamaCppBackend as LlamaCppConfig
 from .decide import Decider, Route
 from .receive import ChatRequest
 from .teams import Teams
+from .tiers import members as tier_members
+from .tiers import tiers as tier_map
 
 
 def build_backend(name: str, cfg: Any, ceilings: CrashCeilings | None = None) -> Backend:
@@ -52,11 +54,11 @@ class Router:
         ceilings = CrashCeilings(state_path(gw.data_dir))  # reads the file if there is one; never writes
         # A tier's members (servers, router-mode models) are backends of their own: own breaker,
         # queue, probe and learned ceiling; the tier name lives on only in routes (decide.py).
-        members = gw.members()
+        members = tier_members(gw)
         made = dict(backends) if backends is not None else {
             n: build_backend(n, c, ceilings) for n, c in members.items()}
         breakers = {n: CircuitBreaker(n, c.breaker) for n, c in members.items() if c.breaker and n in made}
-        tiers = {t: [m for m in ms if m in made] for t, ms in gw.tiers().items()}
+        tiers = {t: [m for m in ms if m in made] for t, ms in tier_map(gw).items()}
         teams = Teams(gw, policies_dir_of(settings.path, gw), dict(settings.policies), dict(settings.policy_files))
         return cls(settings, made, breakers, ceilings, teams, Classifier(), Decider(made, breakers, tiers), tiers)
 

@@ -33,6 +33,7 @@ from .router import Router
 from .slots import SlotQueue
 from .teams import Teams
 from .tiers import discover_members
+from .tiers import members as tier_members
 
 log = logging.getLogger("switchyard")
 
@@ -73,7 +74,7 @@ class Runtime:
     def build(cls, settings: Settings, backends: Mapping[str, Backend] | None = None) -> Runtime:
         router = Router.build(settings, backends)
         gw = settings.gateway
-        members = gw.members()  # a tier's members each get their own queue (their own slots)
+        members = tier_members(gw)  # a tier's members each get their own queue (their own slots)
         queues = {n: SlotQueue(c.max_concurrency, c.lookahead) for n, c in members.items()
                   if c.max_concurrency and n in router.backends}
         limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)

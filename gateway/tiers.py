@@ -1,19 +1,57 @@
-"""Checks on local tiers that a schema cannot make: the same server or model listed twice, a
-member name that another backend already has, and YAML keys given twice (YAML keeps only the
-last, so a second `gpu0:` would silently replace the first). Each names the file and the line.
-
-A tier itself is data (config.py: `urls`, `members`, `models`); router.py expands it into one
-backend per member, and decide.py orders a tier's members per request.
+"""Local tiers: a `llamacpp` entry with `urls`, `members` or `models` (config.py) stands for several
+backends, its members. Here: expanding a tier into one backend config per member (router.py builds
+one backend from each, decide.py orders them per request), discovering a router's models, and the
+checks a schema cannot make — the same server or model listed twice, a member named like another
+backend, YAML keys given twice (YAML keeps only the last, so a second `gpu0:` would silently
+replace the first) — each with its file and line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .config import ConfigIssue, GatewayConfig, LlamaCppBackend, line_of
+from .config import BackendBase, ConfigIssue, GatewayConfig, LlamaCppBackend, line_of
+
+
+def expand(name: str, cfg: LlamaCppBackend, discovered: list[str] | None = None) -> dict[str, LlamaCppBackend]:
+    """Each member as a backend config of its own (`tier@server`, `tier/model`, `tier@server/model`);
+    a plain entry is itself, unchanged. With `models: discover` the models are what the router
+    listed (none before it is asked)."""
+    if not cfg.is_tier:
+        return {name: cfg}
+    servers: list[tuple[str, dict[str, Any]]]
+    if cfg.members:
+        servers = [(f"{name}@{k}", {f: v for f, v in m.model_dump().items() if v is not None})
+                   for k, m in cfg.members.items()]
+    elif cfg.urls:
+        servers = [(f"{name}@{i}", {"url": u}) for i, u in enumerate(cfg.urls)]
+    else:
+        servers = [(name, {})]
+    flat = {"urls": None, "members": None, "models": None}
+    models = (discovered or []) if cfg.models == "discover" else (cfg.models or [None])
+    out: dict[str, LlamaCppBackend] = {}
+    for server, over in servers:
+        for model in models:
+            member = f"{server}/{model}" if model else server
+            out[member] = cfg.model_copy(update={**flat, **over, **({"model": model} if model else {})})
+    return out
+
+
+def members(gateway: GatewayConfig) -> dict[str, BackendBase]:
+    """Every backend that serves, a tier's members in place of the tier (what routing walks)."""
+    out: dict[str, BackendBase] = {}
+    for name, cfg in gateway.backends.items():
+        out.update(expand(name, cfg) if isinstance(cfg, LlamaCppBackend) else {name: cfg})
+    return out
+
+
+def tiers(gateway: GatewayConfig) -> dict[str, list[str]]:
+    """tier name -> its members, in config order (only entries that list servers or models)."""
+    return {n: list(expand(n, c)) for n, c in gateway.backends.items() if isinstance(c, LlamaCppBackend) and c.is_tier}
 
 
 def duplicate_keys(path: Path, node: yaml.Node | None) -> list[ConfigIssue]:
@@ -68,7 +106,7 @@ def tier_issues(path: Path, gateway: GatewayConfig) -> list[ConfigIssue]:
                                           f"backends.{name}.models.{j}", f"duplicate member: model {model!r} is "
                                           "listed twice"))
             seen.add(model)
-        for member in cfg.expand(name):
+        for member in expand(name, cfg):
             if member != name and member in taken:
                 issues.append(ConfigIssue(str(path), line_of(path, *where), f"backends.{name}",
                                           f"member {member!r} has the name of another backend"))
@@ -86,5 +124,5 @@ async def discover_members(gateway: GatewayConfig, known: Collection[str]) -> li
     for tier, cfg in gateway.backends.items():
         if isinstance(cfg, LlamaCppBackend) and cfg.models == "discover":
             ids = await router_models(cfg.url, cfg.timeouts.connect)
-            out += [(tier, name, member) for name, member in cfg.expand(tier, ids or []).items() if name not in known]
+            out += [(tier, name, member) for name, member in expand(tier, cfg, ids or []).items() if name not in known]
     return out

@@ -18,6 +18,7 @@ from gateway.breaker import State
 from gateway.config import ConfigError, load_settings
 from gateway.receive import parse_chat
 from gateway.runtime import Runtime
+from gateway.tiers import expand, members, tiers
 from tests.conftest import Gateway, config_for, write_config
 from tests.scripted import Handler, Reply, ScriptedBackend, failing, replying
 
@@ -45,36 +46,36 @@ def write_raw(tmp: Path, gateway_yaml: str, policy_yaml: str) -> Path:
 
 def test_members_urls_and_models_expand_into_named_members(tmp_path: Path) -> None:
     s = tier_settings(tmp_path / "a", TWO_GPUS)
-    members = s.gateway.members()
-    assert list(members) == ["local@gpu0", "local@gpu1", "hosted"]
-    assert s.gateway.tiers() == {"local": ["local@gpu0", "local@gpu1"]}
-    gpu0, gpu1 = members["local@gpu0"], members["local@gpu1"]
+    flat = members(s.gateway)
+    assert list(flat) == ["local@gpu0", "local@gpu1", "hosted"]
+    assert tiers(s.gateway) == {"local": ["local@gpu0", "local@gpu1"]}
+    gpu0, gpu1 = flat["local@gpu0"], flat["local@gpu1"]
     assert (gpu0.url, gpu0.max_concurrency, gpu0.context_limit) == ("http://127.0.0.1:9001", 1, 4096)  # the tier's
     assert (gpu1.url, gpu1.max_concurrency, gpu1.context_limit) == ("http://127.0.0.1:9002", 2, 8192)  # its own
 
     s = tier_settings(tmp_path / "b", {"urls": ["http://127.0.0.1:9001", "http://127.0.0.1:9002/"]})
-    assert {n: c.url for n, c in s.gateway.members().items() if n != "hosted"} == {
+    assert {n: c.url for n, c in members(s.gateway).items() if n != "hosted"} == {
         "local@0": "http://127.0.0.1:9001", "local@1": "http://127.0.0.1:9002"}
 
     s = tier_settings(tmp_path / "c", {"models": ["qwen-27b", "qwen-9b"]})
-    assert {n: c.model for n, c in s.gateway.members().items() if n != "hosted"} == {
+    assert {n: c.model for n, c in members(s.gateway).items() if n != "hosted"} == {
         "local/qwen-27b": "qwen-27b", "local/qwen-9b": "qwen-9b"}
 
     s = tier_settings(tmp_path / "d", {**TWO_GPUS, "models": ["a"]})
-    assert s.gateway.tiers() == {"local": ["local@gpu0/a", "local@gpu1/a"]}
+    assert tiers(s.gateway) == {"local": ["local@gpu0/a", "local@gpu1/a"]}
 
 
 def test_models_discover_has_no_member_until_the_router_is_asked(tmp_path: Path) -> None:
     s = tier_settings(tmp_path, {"models": "discover"})
-    assert s.gateway.tiers() == {"local": []} and list(s.gateway.members()) == ["hosted"]
+    assert tiers(s.gateway) == {"local": []} and list(members(s.gateway)) == ["hosted"]
     local = s.gateway.backends["local"]
-    assert {n: c.model for n, c in local.expand("local", ["a", "b"]).items()} == {"local/a": "a", "local/b": "b"}
+    assert {n: c.model for n, c in expand("local", local, ["a", "b"]).items()} == {"local/a": "a", "local/b": "b"}
 
 
 def test_a_plain_entry_is_not_a_tier(tmp_path: Path) -> None:
     s = tier_settings(tmp_path, {})
-    assert list(s.gateway.members()) == ["local", "hosted"] and s.gateway.tiers() == {}
-    assert s.gateway.members()["local"] is s.gateway.backends["local"]
+    assert list(members(s.gateway)) == ["local", "hosted"] and tiers(s.gateway) == {}
+    assert members(s.gateway)["local"] is s.gateway.backends["local"]
 
 
 # ---- config: errors with file:line ----
@@ -119,7 +120,7 @@ def test_policy_may_name_the_tier_or_a_member_but_not_an_unknown_member(tmp_path
 
 def scripted_members(settings: Any, handlers: dict[str, Handler]) -> dict[str, ScriptedBackend]:
     out = {}
-    for name, cfg in settings.gateway.members().items():
+    for name, cfg in members(settings.gateway).items():
         hosted = name == "hosted"
         out[name] = ScriptedBackend(name, cfg, handlers.get(name) or replying(Reply.stream(name)), free=not hosted,
                                     window=400_000 if hosted else 4096, place="hosted" if hosted else "local")
