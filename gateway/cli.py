@@ -58,7 +58,8 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     startup: dict[str, BuildProgress] = {}
     app[STARTUP] = startup
     for name, cfg in settings.gateway.backends.items():
-        if isinstance(cfg, LlamaCppBackend) and cfg.embedded and not await _answers(cfg.url):
+        if (isinstance(cfg, LlamaCppBackend) and cfg.embedded and name in rt.backends  # not a tier
+                and not await _answers(cfg.url)):
             backend = rt.backends[name]
             assert isinstance(backend, Local)
             startup[name] = progress = BuildProgress(name)
@@ -107,9 +108,12 @@ def _banner(settings: Settings, rt: Any, host: str, port: int, notes: list[str])
     lines = [f"switchyard listening on http://{host}:{port}/v1  (config {settings.path}, "
              f"teams: {', '.join(sorted(settings.policies))})",
              f"  status page: http://{host}:{port}/"]
+    from .tiers import members as tier_members
+
+    members = tier_members(settings.gateway)  # a tier's members, one line each
     for name, backend in rt.backends.items():
         probe = rt.last_probe.get(name)
-        cfg = settings.gateway.backends[name]
+        cfg = members[name]
         if isinstance(cfg, LiteLLMBackend):
             if cfg.api_key_env and not cfg.api_key:
                 state = f"NOT LIVE: set {cfg.api_key_env} to use it"
@@ -204,7 +208,9 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
         except GatewayError as e:
             out.update(route=[], reason=e.message, error={"status": e.status, "code": e.code})
             return out
-        steps = [{"backend": s.backend, "kind": rt.backends[s.backend].place} for s in route.steps]
+        tier_of = rt.decider.tier_of  # a tier's member says which tier it stands in for
+        steps = [{"backend": s.backend, "kind": rt.backends[s.backend].place,
+                  **({"tier": tier_of[s.backend]} if s.backend in tier_of else {})} for s in route.steps]
         out["predicted_ttft"] = {  # each candidate's own estimate, with its parts (queue, cached tokens, rates)
             name: {"seconds": None if e.seconds is None else round(e.seconds, 3), **e.parts}
             for name, e in route.estimates.items()}

@@ -71,9 +71,39 @@ class BackendBase(Strict):
                              "idle slot, so an interactive turn sent just after it goes first")
 
 
+def _http(v: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return v.rstrip("/")
+
+
+class Member(Strict):
+    """One server of a local tier (a GPU, a box); a field left out takes the tier's value."""
+
+    url: str = Field(..., description="this server's address")
+    model: str | None = Field(None, description="model id sent upstream (a router-mode server picks by it)")
+    max_concurrency: int | None = Field(None, ge=1, description="this server's slots (its -np)")
+    context_limit: int | None = Field(None, gt=0, description="tokens; this server's safe ceiling")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        return _http(v)
+
+
 class LlamaCppBackend(BackendBase):
     kind: Literal["llamacpp"]
     url: str = "http://127.0.0.1:8080"
+    # A tier: several servers and/or a router-mode server's models, each its own member (named
+    # `tier@server`, `tier/model`, `tier@server/model`) with its own queue, breaker, probe and ceiling.
+    urls: list[str] | None = Field(None, min_length=1, description="several llama-servers as one tier: "
+                                   "members tier@0, tier@1, ... (each with this entry's settings)")
+    members: dict[str, Member] | None = Field(None, min_length=1, description="named servers as one tier: "
+                                              "members tier@NAME, each with its own url, slots and ceiling")
+    models: list[str] | Literal["discover"] | None = Field(
+        None, min_length=1, description="a router-mode server's models (llama-server --models-dir/--models-preset) "
+        "as members tier/MODEL, each with its own breaker: one child's crash leaves the other models serving; "
+        "`discover`: every model the router's GET /models lists at start (policies then name only the tier)")
     context_limit: int | None = Field(32768, gt=0)
     max_concurrency: int | None = Field(1, ge=1)
     embedded: bool = Field(
@@ -95,9 +125,32 @@ class LlamaCppBackend(BackendBase):
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        return _http(v)
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, v: list[str] | None) -> list[str] | None:
+        return [_http(u) for u in v] if v else v
+
+    @field_validator("members")
+    @classmethod
+    def _member_names(cls, v: dict[str, Member] | None) -> dict[str, Member] | None:
+        for name in v or {}:
+            if not name or any(c in name for c in "@/ "):
+                raise ValueError(f"member name {name!r} must be non-empty, without '@', '/' or spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _one_server_list(self) -> LlamaCppBackend:
+        if self.urls and self.members:
+            raise ValueError("give either `urls` or `members`, not both")
+        if self.models == "discover" and (self.urls or self.members):
+            raise ValueError("`models: discover` asks one router (`url`), not `urls` or `members`")
+        return self
+
+    @property
+    def is_tier(self) -> bool:
+        return bool(self.urls or self.members or self.models)
 
 
 class LiteLLMBackend(BackendBase):
@@ -363,6 +416,10 @@ def validate_file(model: type[_M], path: Path) -> _M:
     data, node = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue(str(path), 1, "", "expected a mapping at the top level")])
+    from .tiers import duplicate_keys
+
+    if duplicates := duplicate_keys(path, node):
+        raise ConfigError(duplicates)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -395,7 +452,13 @@ def policies_dir_of(config_path: Path, gateway: GatewayConfig) -> Path:
 
 
 def load_gateway(path: Path) -> GatewayConfig:
-    return validate_file(GatewayConfig, path)
+    from .tiers import tier_issues  # the tier checks build on this module's models
+
+    gateway = validate_file(GatewayConfig, path)
+    issues = tier_issues(path, gateway)
+    if issues:
+        raise ConfigError(issues)
+    return gateway
 
 
 def load_policies(directory: Path, gateway: GatewayConfig) -> tuple[dict[str, Policy], dict[str, Path]]:

@@ -98,9 +98,15 @@ class SessionPins:
 
 
 class Decider:
-    def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker]) -> None:
+    def __init__(self, backends: Mapping[str, Backend], breakers: Mapping[str, CircuitBreaker],
+                 tiers: Mapping[str, list[str]] | None = None) -> None:
         self.backends = backends
         self.breakers = breakers
+        # Local tiers: a tier name in a route stands for its members (see _expand).
+        self.tiers: dict[str, list[str]] = tiers if isinstance(tiers, dict) else dict(tiers or {})  # router's own
+        self.tier_of = {m: t for t, ms in self.tiers.items() for m in ms}
+        # The runtime's read-only queue view: (slots in use + waiting, slots) of a backend.
+        self.load: Callable[[str], tuple[int, int]] = lambda _name: (0, 0)
         self.pins = SessionPins()
         # `explain --live`: why each backend is unusable as the *running gateway* sees it (None: usable),
         # instead of judging from this process's own environment.
@@ -109,17 +115,49 @@ class Decider:
         self.queued: Callable[[str], int] = lambda name: 0
 
     def model_ids(self, policy: Policy) -> list[str]:
-        return ["auto", *self.backends, *policy.task_models]
+        return ["auto", *self.tiers, *self.backends, *policy.task_models]
+
+    # ---- local tiers: kept apart so the rest of decide reads as before ----
+    def _allowed(self, name: str, allowed: list[str] | None) -> bool:
+        return allowed is None or name in allowed or self.tier_of.get(name) in allowed
+
+    def _expand(self, route: list[str]) -> tuple[list[str], list[str]]:
+        """A tier becomes its members: closed circuits first, then the least loaded (slots in use +
+        waiting, per slot it has), then config order. A member named earlier in the route keeps its
+        place. Returns the names and, per tier with a choice, why its first member leads (for explain)."""
+        names: list[str] = []
+        why: list[str] = []
+        for name in route:
+            members = self.tiers.get(name)
+            if members is None:
+                names.append(name)
+                continue
+            loads = {m: self.load(m) for m in members if m not in names}
+            ranked = sorted(loads, key=lambda m: (self._health_rank(m), loads[m][0] / max(1, loads[m][1])))
+            if len(ranked) > 1:
+                why.append(f"{name}: {ranked[0]} first ("
+                           + ", ".join(f"{m} {self._state(m)}" + (f" {loads[m][0]}/{loads[m][1]} busy" if loads[m][1]
+                                                                  else "") for m in ranked) + ")")
+            names.extend(ranked)
+        return names, why
+
+    def _health_rank(self, name: str) -> int:
+        breaker = self.breakers.get(name)
+        return 0 if breaker is None else {"closed": 0, "half_open": 1}.get(str(breaker.state), 2)
+
+    def _state(self, name: str) -> str:
+        breaker = self.breakers.get(name)
+        return str(breaker.state) if breaker is not None else "closed"
 
     def _rule(self, profile: RequestProfile, policy: Policy, headers: Mapping[str, str]) -> tuple[Rule, str, str]:
         """The rule that applies, its short name and how it was chosen."""
-        if (profile.model in self.backends and policy.allowed_backends is not None
-                and profile.model not in policy.allowed_backends):
+        routable = profile.model in self.backends or profile.model in self.tiers
+        if routable and not self._allowed(profile.model, policy.allowed_backends):
             raise Forbidden(f"team {policy.team!r} may not use backend {profile.model!r}", code="backend_not_allowed")
         if policy.allowed_models is not None and profile.model not in policy.allowed_models:
             raise Forbidden(f"team {policy.team!r} may not use model {profile.model!r}; allowed: "
                             + ", ".join(policy.allowed_models))
-        if profile.model in self.backends:
+        if routable:
             rule = Rule(name=f"pinned to {profile.model}", route=[profile.model])
             return rule, rule.name or "", f"model {profile.model!r} pins the backend"
         if profile.model == "auto" or profile.model in policy.task_models:
@@ -147,8 +185,9 @@ class Decider:
         unavailable: list[str] = []
         best: Fit | None = None
         estimates: dict[str, Estimate] = {}
-        for name in rule.route:
-            if allowed is not None and name not in allowed:
+        names, order = self._expand(rule.route)
+        for name in names:
+            if not self._allowed(name, allowed):
                 continue
             backend = self.backends[name]
             # Health first: a backend that is down says so, rather than a size guess made without it.
@@ -190,8 +229,8 @@ class Decider:
                 "no backend can take this request now: " + "; ".join(notes or ["none allowed"]),
                 headers={"Retry-After": str(retry_after(closed))})
         reason = f"{rule_desc}: {' -> '.join(s.backend for s in steps)}"
-        if notes:
-            reason += " (" + "; ".join(notes) + ")"
+        if notes or order:
+            reason += " (" + "; ".join(notes + order) + ")"
         return Route(tuple(steps), reason, rule_name, tokens, method, rule.max_tokens, rule.on_limit, preemptible,
                      estimates)
 

@@ -147,10 +147,17 @@ async def models(request: web.Request) -> web.Response:
     created = int(rt.settings.path.stat().st_mtime) if rt.settings.path.exists() else 0
     data = [{"id": "auto", "object": "model", "created": created, "owned_by": "switchyard",
              "description": "routed by policy"}]
+    allowed, tier_of = policy.allowed_backends, rt.decider.tier_of
+    for tier, members in rt.router.tiers.items():  # a tier: its members in turn, least loaded first
+        if allowed is None or tier in allowed:
+            windows = [w for m in members if (w := rt.backends[m].context_window)]
+            data.append({"id": tier, "object": "model", "created": created, "owned_by": "switchyard:local",
+                         "context_window": max(windows) if windows else None, "members": members})
     for name, backend in rt.backends.items():
-        if policy.allowed_backends is None or name in policy.allowed_backends:
+        if allowed is None or name in allowed or tier_of.get(name) in allowed:
             data.append({"id": name, "object": "model", "created": created,
-                         "owned_by": f"switchyard:{backend.place}", "context_window": backend.context_window})
+                         "owned_by": f"switchyard:{backend.place}", "context_window": backend.context_window,
+                         **({"tier": tier_of[name]} if name in tier_of else {})})
     for task_model in policy.task_models:
         data.append({"id": task_model, "object": "model", "created": created, "owned_by": "switchyard",
                      "description": "background tasks (Open WebUI TASK_MODEL_EXTERNAL)"})

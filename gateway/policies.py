@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, ConfigIssue, GatewayConfig, Policy, line_of, validate_file
+from .tiers import tiers as tier_map
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,27 @@ def policy_paths(directory: Path) -> list[Path]:
 
 
 def check_references(path: Path, policy: Policy, gateway: GatewayConfig) -> list[ConfigIssue]:
-    """Every backend a policy names must exist in switchyard.yaml."""
+    """Every backend a policy names must exist in switchyard.yaml: a backend, a tier or a tier's member."""
     issues = []
-    known = set(gateway.backends)
+    tiers = tier_map(gateway)
+    known = set(gateway.backends) | {m for ms in tiers.values() for m in ms}
     for i, rule in enumerate(policy.rules):
         for j, name in enumerate(rule.route):
             if name not in known:
                 issues.append(ConfigIssue(str(path), line_of(path, "rules", i, "route", j), f"rules.{i}.route.{j}",
-                                          f"unknown backend {name!r} (known: {', '.join(sorted(known))})"))
+                                          _unknown(name, known, tiers)))
     for j, name in enumerate(policy.allowed_backends or []):
         if name not in known:
             issues.append(ConfigIssue(str(path), line_of(path, "allowed_backends", j),
-                                      f"allowed_backends.{j}", f"unknown backend {name!r}"))
+                                      f"allowed_backends.{j}", _unknown(name, known, tiers)))
     return issues
+
+
+def _unknown(name: str, known: set[str], tiers: dict[str, list[str]]) -> str:
+    tier = next((t for t in tiers if name.startswith((f"{t}@", f"{t}/"))), None)
+    if tier is not None:
+        return f"unknown member {name!r} of tier {tier!r} (members: {', '.join(tiers[tier])})"
+    return f"unknown backend {name!r} (known: {', '.join(sorted(known))})"
 
 
 def load_file(path: Path, gateway: GatewayConfig) -> Policy:

@@ -9,7 +9,7 @@ the benchmark and the serving runtime all decide through this one object; only t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .backends.base import Backend
@@ -24,6 +24,8 @@ from .config import LlamaCppBackend as LlamaCppConfig
 from .decide import Decider, Route
 from .receive import ChatRequest
 from .teams import Teams
+from .tiers import members as tier_members
+from .tiers import tiers as tier_map
 
 
 def build_backend(name: str, cfg: Any, ceilings: CrashCeilings | None = None,
@@ -46,18 +48,24 @@ class Router:
     teams: Teams
     classifier: Classifier
     decider: Decider
+    tiers: dict[str, list[str]] = field(default_factory=dict)  # tier -> its members, in config order
 
     @classmethod
     def build(cls, settings: Settings, backends: Mapping[str, Backend] | None = None) -> Router:
         """`backends` replaces the configured ones (tests script them in-process)."""
         gw = settings.gateway
         ceilings = CrashCeilings(state_path(gw.data_dir))  # reads the file if there is one; never writes
+        # A tier's members (servers, router-mode models) are backends of their own: own breaker,
+        # queue, probe and learned ceiling; the tier name lives on only in routes (decide.py).
+        members = tier_members(gw)
         speeds = SpeedBook(speeds_path(gw.data_dir))  # the same: read here, written by the runtime
         made = dict(backends) if backends is not None else {
-            n: build_backend(n, c, ceilings, speeds.of(n)) for n, c in gw.backends.items()}
-        breakers = {n: CircuitBreaker(n, c.breaker) for n, c in gw.backends.items() if c.breaker and n in made}
+            n: build_backend(n, c, ceilings, speeds.of(n)) for n, c in members.items()}
+        breakers = {n: CircuitBreaker(n, c.breaker) for n, c in members.items() if c.breaker and n in made}
+        tiers = {t: [m for m in ms if m in made] for t, ms in tier_map(gw).items()}
         teams = Teams(gw, policies_dir_of(settings.path, gw), dict(settings.policies), dict(settings.policy_files))
-        return cls(settings, made, breakers, ceilings, speeds, teams, Classifier(), Decider(made, breakers))
+        return cls(settings, made, breakers, ceilings, speeds, teams, Classifier(), Decider(made, breakers, tiers),
+                   tiers)
 
     @property
     def policy(self) -> Policy:
@@ -69,6 +77,15 @@ class Router:
 
     async def decide(self, req: ChatRequest, profile: RequestProfile, policy: Policy) -> Route:
         return await self.decider.decide(req.body, req.headers, profile, policy)
+
+    def add_member(self, tier: str, name: str, cfg: Any) -> Backend:
+        """A member found after start (`models: discover`): a backend like the configured ones."""
+        backend = self.backends[name] = build_backend(name, cfg, self.ceilings, self.speeds.of(name))
+        if cfg.breaker:
+            self.breakers[name] = CircuitBreaker(name, cfg.breaker)
+        self.tiers.setdefault(tier, []).append(name)  # the decider's own map: it routes there from now on
+        self.decider.tier_of[name] = tier
+        return backend
 
     async def close(self) -> None:
         for b in self.backends.values():

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,8 @@ from .record import Recorder
 from .router import Router
 from .slots import SlotQueue
 from .teams import Teams
+from .tiers import discover_members
+from .tiers import members as tier_members
 
 log = logging.getLogger("switchyard")
 
@@ -39,6 +41,15 @@ PROBE_INTERVAL = 1.0  # seconds between breaker probes / live-state refreshes
 REFRESH_EVERY = 15  # probe intervals between live n_ctx refreshes of healthy backends
 SAVE_EVERY = 60  # probe intervals between writes of the learned speeds
 TRIAL_AFTER = 2.0  # seconds a half-open circuit waits for an interactive trial before sending its own
+
+
+def _load_view(queues: Mapping[str, SlotQueue]) -> Callable[[str], tuple[int, int]]:
+    """Read-only: (slots in use + waiting, slots) of a backend's queue, for ordering a tier's members."""
+    def load(name: str) -> tuple[int, int]:
+        q = queues.get(name)
+        return (q.busy + q.waiting, q.capacity) if q is not None else (0, 0)
+
+    return load
 
 
 @dataclass
@@ -64,10 +75,12 @@ class Runtime:
     def build(cls, settings: Settings, backends: Mapping[str, Backend] | None = None) -> Runtime:
         router = Router.build(settings, backends)
         gw = settings.gateway
-        queues = {n: SlotQueue(c.max_concurrency, c.lookahead) for n, c in gw.backends.items()
+        members = tier_members(gw)  # a tier's members each get their own queue (their own slots)
+        queues = {n: SlotQueue(c.max_concurrency, c.lookahead) for n, c in members.items()
                   if c.max_concurrency and n in router.backends}
         limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
-                    for n, c in gw.backends.items() if c.rate_limit_per_minute and n in router.backends}
+                    for n, c in members.items() if c.rate_limit_per_minute and n in router.backends}
+        router.decider.load = _load_view(queues)
         ledger = Ledger(ledger_path(gw.data_dir, gw.ledger_path))
         admission = Admission(ledger.spent_this_month(month_start()))
         dispatcher = Dispatcher(router.backends, router.breakers, queues, limiters, router.speeds)
@@ -112,6 +125,8 @@ class Runtime:
             queue = self.queues.get(name)
             out[name] = {
                 "kind": b.place,
+                "tier": self.router.decider.tier_of.get(name),
+                "load_seconds": getattr(b, "load_seconds", None),  # a router-mode model's learned load time
                 "ready": probe.ready if probe else None,
                 "detail": probe.detail if probe else "not probed yet",
                 "context_window": b.context_window,
@@ -167,8 +182,18 @@ class Runtime:
         await loopwatch.stop()
 
     async def refresh_all(self) -> None:
-        results = await asyncio.gather(*(b.probe() for b in self.backends.values()))
-        self.last_probe = dict(zip(self.backends, results, strict=True))
+        await self.discover()
+        backends = list(self.backends.items())  # a discovery may add members while the probes run
+        results = await asyncio.gather(*(b.probe() for _, b in backends))
+        self.last_probe.update(zip((n for n, _ in backends), results, strict=True))
+
+    async def discover(self) -> None:
+        """`models: discover`: a router's models become members, each with its own queue."""
+        for tier, name, cfg in await discover_members(self.settings.gateway, self.backends):
+            self.router.add_member(tier, name, cfg)
+            if cfg.max_concurrency:
+                self.queues[name] = SlotQueue(cfg.max_concurrency, cfg.lookahead)
+            log.info("tier %s: discovered member %s", tier, name)
 
     async def _reload_loop(self) -> None:
         """Hot reload: changed policy files take effect for the next request, never mid-request."""

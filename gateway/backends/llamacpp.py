@@ -34,6 +34,7 @@ from .prefix import Plan, SlotCache
 from .speed import Speeds
 
 _JSON = {"Content-Type": "application/json"}
+_ROUTER_ERROR = b"proxy error:"  # a router-mode parent's text when its child fails (b11434)
 log = logging.getLogger("switchyard")
 
 
@@ -138,6 +139,8 @@ class LlamaCppBackend:
             # for a stream and assemble the answer, so closing frees the slot at once (assemble.py).
             data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
         t = self.config.timeouts
+        cold = self.model_state == "unloaded"  # router mode: this request starts the model's child
+        began = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(t.first_byte):
                 resp = await self._post(data)
@@ -145,6 +148,8 @@ class LlamaCppBackend:
                     if resp.status != 200:
                         raw = await resp.read()
                         raise failures.from_status(self.name, resp.status, resp.headers, raw)
+                    if cold:  # the router answers once the child is up: this wait was the load
+                        self.model_state, self.load_seconds = "loaded", asyncio.get_running_loop().time() - began
                     if not stream:
                         upstream = await self._assembled(resp)
                         upstream.settle = functools.partial(self._settled, plan)
@@ -153,6 +158,10 @@ class LlamaCppBackend:
                     first = await anext(chunks, b"")
                     if not first:
                         raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "stream closed before any data")
+                    if first.startswith(_ROUTER_ERROR):
+                        # Router mode: the parent has already answered 200 for the stream when the child dies,
+                        # then writes this plain-text line instead of events. Still before the first byte.
+                        raise failures.from_status(self.name, 502, resp.headers, first)
                 except BaseException:
                     resp.close()
                     raise
@@ -261,6 +270,8 @@ class LlamaCppBackend:
     async def count_tokens(self, body: dict[str, Any]) -> int | None:
         """The model's own count, template and tools included; None when the server can't say."""
         payload = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        if self.config.model:  # a router counts with the model it is asked for (the client's may be "auto")
+            payload["model"] = self.config.model
         try:
             async with asyncio.timeout(10):
                 if self._count_route in (None, "input_tokens"):
@@ -310,35 +321,80 @@ class LlamaCppBackend:
                         return ProbeResult(False, "loading model")
                     if r.status != 200:
                         return ProbeResult(False, f"/health answered {r.status}")
-                # In router mode the parent answers /health even when the model's child died, so
-                # also ask for the model state; a single-model server answers /props.
+                # In router mode the parent answers /health (and a /props of its own, `role: router`)
+                # even when the model's child died, so the model's state comes from its /models.
                 async with self.session.get(f"{self.url}/props") as r:
                     if r.status == 200:
                         props = await r.json()
-                        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
-                        if isinstance(props.get("total_slots"), int) and props["total_slots"] > 0:
-                            self.cache.memory.slots = props["total_slots"]
-                        if n_ctx:
-                            self.live_n_ctx = int(n_ctx)
-                        return ProbeResult(True, "ready")
-                async with self.session.get(f"{self.url}/models") as r:
-                    if r.status == 200:
-                        models = (await r.json()).get("data") or []
-                        want = self.config.model
-                        for m in models:
-                            if want is None or m.get("id") == want:
-                                status = m.get("status")
-                                state = status.get("value") if isinstance(status, dict) else status
-                                if state not in (None, "loaded"):
-                                    return ProbeResult(False, f"model {m.get('id')} is {state}")
-                return ProbeResult(True, "ready")
+                        if props.get("role") != "router":
+                            self._note_n_ctx(props)
+                            if isinstance(props.get("total_slots"), int) and props["total_slots"] > 0:
+                                self.cache.memory.slots = props["total_slots"]
+                            return ProbeResult(True, "ready")
+                return await self._router_model_state()
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             return ProbeResult(False, f"unreachable: {type(e).__name__}")
+
+    # ---- router mode (llama-server --models-dir / --models-preset): one member per model ----
+
+    model_state: str | None = None  # the model's status.value in the router's /models, as last probed
+    load_seconds: float | None = None  # learned: first byte of the first request after `unloaded`
+
+    def _note_n_ctx(self, props: dict[str, Any]) -> None:
+        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
+        if n_ctx:
+            self.live_n_ctx = int(n_ctx)
+
+    async def _router_model_state(self) -> ProbeResult:
+        """`unloaded` is not down: the router starts the child on the first request (the load time is
+        learned then). A child that crashed is `unloaded` + `failed`, and the router reloads it on the
+        next request: ready, so an open circuit gets its trial. `--models-max` eviction is the same
+        `unloaded`, without `failed`: never a crash. Loading states are not ready yet."""
+        async with self.session.get(f"{self.url}/models") as r:
+            if r.status != 200:
+                return ProbeResult(True, "ready")
+            models = (await r.json()).get("data") or []
+        want = self.config.model
+        entry = next((m for m in models if want is None or want == m.get("id") or want in (m.get("aliases") or [])),
+                     None)
+        if entry is None:
+            return ProbeResult(False, f"the router serves no model {want!r}")
+        status = entry.get("status")
+        status = status if isinstance(status, dict) else {"value": status}
+        state = self.model_state = status.get("value")
+        name = entry.get("id")
+        # The child's context comes from its arguments: `/props?model=` would load an unloaded model
+        # (checked on b11434), evicting another under --models-max.
+        args = [str(a) for a in status.get("args") or []]
+        for flag in ("--ctx-size", "-c"):
+            if flag in args[:-1] and args[args.index(flag) + 1].isdigit() and int(args[args.index(flag) + 1]):
+                self.live_n_ctx = int(args[args.index(flag) + 1])
+        if state in (None, "loaded"):
+            return ProbeResult(True, "ready")
+        if state == "unloaded":
+            load = f"; last load {self.load_seconds:.1f}s" if self.load_seconds is not None else ""
+            if status.get("failed"):
+                return ProbeResult(True, f"model {name} child exited ({status.get('exit_code')}); "
+                                   f"the router reloads it on the next request{load}")
+            return ProbeResult(True, f"model {name} unloaded: loads on the first request{load}")
+        return ProbeResult(False, f"model {name} is {state}")
 
     async def close(self) -> None:
         for s in (self._session, self._fresh):
             if s is not None:
                 await s.close()
+
+
+async def router_models(url: str, timeout: float = 5.0) -> list[str] | None:
+    """The model ids a router-mode server lists (`models: discover`); None when it cannot say."""
+    try:
+        async with aiohttp.ClientSession() as s, asyncio.timeout(timeout), s.get(f"{url}/models") as r:
+            if r.status != 200:
+                return None
+            data = (await r.json()).get("data") or []
+        return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+        return None
 
 
 async def _noop() -> None:
@@ -351,6 +407,15 @@ def _closer(resp: aiohttp.ClientResponse) -> Any:
         resp.close()
 
     return close
+
+
+def _router_error_at(chunk: bytes) -> int | None:
+    """Where a router-mode parent's `proxy error:` line starts in a stream chunk, if it does. Only at
+    a line start: the model's own text is inside JSON strings, where a newline is always escaped."""
+    if chunk.startswith(_ROUTER_ERROR):
+        return 0
+    at = chunk.find(b"\n" + _ROUTER_ERROR)
+    return at + 1 if at >= 0 else None
 
 
 class _Watchdog:
@@ -386,6 +451,11 @@ async def _guarded(name: str, chunks: AsyncIterator[bytes], dog: _Watchdog) -> A
     try:
         async for chunk in chunks:
             dog.last = loop.time()
+            cut = _router_error_at(chunk)
+            if cut is not None:  # router mode: the child died mid-stream; the parent wrote its text
+                if cut:
+                    yield chunk[:cut]
+                raise failures.from_status(name, 502, None, chunk[cut:].strip())
             yield chunk
         if dog.fired:  # closing may end the read quietly instead of raising
             raise failures.UpstreamFailure(failures.Kind.TIMEOUT, name, dog.fired)
