@@ -141,6 +141,22 @@ class Decider:
             names.extend(ranked)
         return names, why
 
+    def _warmest_member_first(self, steps: list[Step], notes: list[str]) -> list[Step]:
+        """Within a tier, the member predicted to answer first (its slot holds the session's prefix,
+        its queue is short) leads, once every member has a prediction; else least-loaded stands."""
+        out = list(steps)
+        for tier in {self.tier_of.get(s.backend) for s in steps} - {None}:
+            idx = [i for i, s in enumerate(out) if self.tier_of.get(s.backend) == tier]
+            group = [out[i] for i in idx]
+            if len(group) < 2 or any(s.predicted is None for s in group):
+                continue
+            ranked = sorted(group, key=lambda s: s.predicted or 0.0)
+            if ranked[0] is not group[0]:
+                notes.append(f"{tier}: {ranked[0].backend} predicted first ({ranked[0].predicted:.1f}s)")
+            for i, s in zip(idx, ranked, strict=True):
+                out[i] = s
+        return out
+
     def _health_rank(self, name: str) -> int:
         breaker = self.breakers.get(name)
         return 0 if breaker is None else {"closed": 0, "half_open": 1}.get(str(breaker.state), 2)
@@ -214,6 +230,7 @@ class Decider:
         tokens = best.tokens if best else profile.tokens_in
         method = best.method if best else "bytes"
         notes = too_big + unavailable
+        steps = self._warmest_member_first(steps, notes)
         if preemptible:
             steps = _spare_warm_caches(self.backends, steps, query, notes)
         if rule.prefer == "fastest":
