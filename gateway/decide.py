@@ -70,6 +70,9 @@ def first_rule(policy: Policy, profile: RequestProfile, headers: Mapping[str, st
     raise AssertionError("policy validation guarantees a default rule")  # pragma: no cover
 
 
+MEMBER_SWITCH_SAVING = 1.0  # seconds a member must be predicted faster by to lead its tier
+
+
 class SessionPins:
     """session -> pinned backend, with expiry; bounded so a flood of sessions can't grow it forever."""
 
@@ -150,10 +153,12 @@ class Decider:
             group = [out[i] for i in idx]
             if len(group) < 2 or any(s.predicted is None for s in group):
                 continue
-            ranked = sorted(group, key=lambda s: s.predicted or 0.0)
-            if ranked[0] is not group[0]:
-                notes.append(f"{tier}: {ranked[0].backend} predicted first ({ranked[0].predicted:.1f}s)")
-            for i, s in zip(idx, ranked, strict=True):
+            best = min(group, key=lambda s: s.predicted or 0.0)
+            # Predictions are noisy: only a clear gain (a warm prefix, a long queue elsewhere) reorders.
+            if best is group[0] or (group[0].predicted or 0.0) - (best.predicted or 0.0) < MEMBER_SWITCH_SAVING:
+                continue
+            notes.append(f"{tier}: {best.backend} predicted first ({best.predicted:.1f}s vs {group[0].predicted:.1f}s)")
+            for i, s in zip(idx, [best, *(g for g in group if g is not best)], strict=True):
                 out[i] = s
         return out
 

@@ -242,7 +242,9 @@ async def test_the_member_predicted_to_answer_first_leads_once_all_are_known(tie
     gpu0, gpu1 = gw.runtime.backends["local@gpu0"], gw.runtime.backends["local@gpu1"]
     gpu0.predicted, gpu1.predicted = 4.0, None  # type: ignore[attr-defined]
     assert [s.backend for s in (await route_of(gw)).steps][:2] == ["local@gpu0", "local@gpu1"]  # not all known
+    gpu1.predicted = 3.5  # type: ignore[attr-defined]  # faster, but not by a clear second
+    assert [s.backend for s in (await route_of(gw)).steps][:2] == ["local@gpu0", "local@gpu1"]
     gpu1.predicted = 0.5  # type: ignore[attr-defined]  # e.g. its slot holds the session's prefix
     route = await route_of(gw)
     assert [s.backend for s in route.steps][:2] == ["local@gpu1", "local@gpu0"]
-    assert "local: local@gpu1 predicted first (0.5s)" in route.reason
+    assert "local: local@gpu1 predicted first (0.5s vs 4.0s)" in route.reason
