@@ -1,21 +1,24 @@
 """Switchyard's configuration: `switchyard.yaml` (listen address, backends) and `policies/*.yaml`.
 
-This module holds the pydantic models and the YAML helpers (`validate_file`, `line_of`): every error
-names the file, the line, the field and the reason, because a gateway that refuses to start must say
-exactly why. The policy *set* (references, one file per team, shared keys, the default team, hot
+This module holds the pydantic models; yamlfile.py reads a file against one of them so that every
+error names the file, the line, the field and the reason, because a gateway that refuses to start
+must say exactly why. The policy *set* (references, one file per team, shared keys, the default team, hot
 reload keeping each team's last good policy) is validated in policies.py.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .yamlfile import ConfigError as ConfigError  # re-exported: callers load config through this module
+from .yamlfile import ConfigIssue as ConfigIssue
+from .yamlfile import line_of as line_of
+from .yamlfile import validate_file as validate_file
 
 ROLES = (
     "main", "subagent", "compaction", "title", "summary", "tags", "follow_up", "query",
@@ -343,97 +346,6 @@ class Policy(Strict):
         if any(getattr(last, f) is not None for f in Match.model_fields):
             raise ValueError("the last rule must be a default rule with no `match` (it catches everything)")
         return rules
-
-
-# ---- loading with file:line errors ------------------------------------------------------------
-
-_M = TypeVar("_M", bound=BaseModel)
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    file: str
-    line: int | None
-    field: str
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.reason}" if self.field else f"{where}: {self.reason}"
-
-
-class ConfigError(Exception):
-    def __init__(self, issues: Iterable[ConfigIssue]) -> None:
-        self.issues = list(issues)
-        super().__init__("\n".join(str(i) for i in self.issues))
-
-
-def _node_at(node: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
-    """The deepest YAML node along a pydantic error location (for its line number)."""
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            nxt = next((v for k, v in node.value if k.value == str(part)), None)
-            if nxt is None:
-                return node
-            node = nxt
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-        else:
-            return node
-    return node
-
-
-def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {e.strerror}")]) from e
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        reason = getattr(e, "problem", None) or str(e)
-        raise ConfigError([ConfigIssue(str(path), line, "", f"invalid YAML: {reason}")]) from e
-    return data, node
-
-
-def _issues(path: Path, node: yaml.Node | None, err: ValidationError) -> list[ConfigIssue]:
-    out = []
-    for e in err.errors():
-        # Drop pydantic's discriminator tags ("llamacpp") so the field path reads as in the file.
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("llamacpp", "litellm")))
-        target = _node_at(node, loc)
-        line = target.start_mark.line + 1 if target is not None else None
-        field = ".".join(str(p) for p in loc)
-        reason = e["msg"].removeprefix("Value error, ")
-        out.append(ConfigIssue(str(path), line, field, reason))
-    return out
-
-
-def validate_file(model: type[_M], path: Path) -> _M:
-    """One YAML file as `model`, or ConfigError with file:line: field: reason for every problem."""
-    data, node = _read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError([ConfigIssue(str(path), 1, "", "expected a mapping at the top level")])
-    from .tiers import duplicate_keys
-
-    if duplicates := duplicate_keys(path, node):
-        raise ConfigError(duplicates)
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_issues(path, node, e)) from e
-
-
-def line_of(path: Path, *keys: str | int) -> int | None:
-    """The line of the YAML node at `keys` (e.g. "rules", 0, "route"), for an error that pydantic did not raise."""
-    try:
-        _, node = _read_yaml(path)
-    except ConfigError:
-        return None
-    target = _node_at(node, keys)
-    return target.start_mark.line + 1 if target is not None else None
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import BackendBase, ConfigIssue, GatewayConfig, LlamaCppBackend, line_of
 
 
@@ -52,28 +50,6 @@ def members(gateway: GatewayConfig) -> dict[str, BackendBase]:
 def tiers(gateway: GatewayConfig) -> dict[str, list[str]]:
     """tier name -> its members, in config order (only entries that list servers or models)."""
     return {n: list(expand(n, c)) for n, c in gateway.backends.items() if isinstance(c, LlamaCppBackend) and c.is_tier}
-
-
-def duplicate_keys(path: Path, node: yaml.Node | None) -> list[ConfigIssue]:
-    """Every mapping key that appears twice in the file, at the line of its second appearance."""
-    out: list[ConfigIssue] = []
-    stack = [node] if node is not None else []
-    while stack:
-        n = stack.pop()
-        if isinstance(n, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for k, v in n.value:
-                key = str(k.value)
-                if key in seen:
-                    out.append(ConfigIssue(str(path), k.start_mark.line + 1, key,
-                                           f"duplicate key {key!r} (first at line {seen[key]}); YAML would keep "
-                                           "only the last one"))
-                else:
-                    seen[key] = k.start_mark.line + 1
-                stack.append(v)
-        elif isinstance(n, yaml.SequenceNode):
-            stack.extend(n.value)
-    return sorted(out, key=lambda i: i.line or 0)
 
 
 def tier_issues(path: Path, gateway: GatewayConfig) -> list[ConfigIssue]:

@@ -18,7 +18,6 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -30,11 +29,11 @@ from ..config import LlamaCppBackend as LlamaCppConfig
 from ..loopwatch import watch as loopwatch
 from .assemble import assemble, sse_objects
 from .base import AnswerStats, Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
+from .llamastream import ROUTER_ERROR, Watchdog, closer, guarded, noop
 from .prefix import Plan, SlotCache
 from .speed import Speeds
 
 _JSON = {"Content-Type": "application/json"}
-_ROUTER_ERROR = b"proxy error:"  # a router-mode parent's text when its child fails (b11434)
 log = logging.getLogger("switchyard")
 
 
@@ -60,7 +59,7 @@ class LlamaCppBackend:
     def _new_session(self, force_close: bool) -> aiohttp.ClientSession:
         t = self.config.timeouts
         # aiohttp bounds only the connect. First byte, idle and total are enforced in open() and
-        # _Watchdog, each apart and named: aiohttp's sock_read would also bound the wait for the
+        # llamastream.Watchdog, each apart and named: aiohttp's sock_read would also bound the wait for the
         # response headers, failing a slow non-streamed answer at `idle` as if the server were dead.
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=force_close, limit=0),
@@ -158,7 +157,7 @@ class LlamaCppBackend:
                     first = await anext(chunks, b"")
                     if not first:
                         raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "stream closed before any data")
-                    if first.startswith(_ROUTER_ERROR):
+                    if first.startswith(ROUTER_ERROR):
                         # Router mode: the parent has already answered 200 for the stream when the child dies,
                         # then writes this plain-text line instead of events. Still before the first byte.
                         raise failures.from_status(self.name, 502, resp.headers, first)
@@ -175,7 +174,7 @@ class LlamaCppBackend:
                                            f"no first byte within {t.first_byte:g}s") from e
         except Exception as e:
             raise failures.from_exception(self.name, e) from e
-        return Upstream(200, first, _guarded(self.name, chunks, _Watchdog(resp, t.idle, t.total)), _closer(resp),
+        return Upstream(200, first, guarded(self.name, chunks, Watchdog(resp, t.idle, t.total)), closer(resp),
                         settle=functools.partial(self._settled, plan))
 
     def _settled(self, plan: Plan, stats: AnswerStats) -> None:
@@ -220,7 +219,7 @@ class LlamaCppBackend:
         if not events:
             raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "answer closed before any data")
         answer = assemble(events)
-        return Upstream(200, json.dumps(answer).encode(), empty_rest(), _noop, usage=answer.get("usage"))
+        return Upstream(200, json.dumps(answer).encode(), empty_rest(), noop, usage=answer.get("usage"))
 
     async def fit(self, q: FitQuery) -> Fit:
         limits = [n for n in (self.context_window, q.ceiling) if n]
@@ -395,73 +394,3 @@ async def router_models(url: str, timeout: float = 5.0) -> list[str] | None:
         return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
     except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
         return None
-
-
-async def _noop() -> None:
-    return None
-
-
-def _closer(resp: aiohttp.ClientResponse) -> Any:
-    async def close() -> None:
-        # Closing (not releasing) drops the TCP connection: llama.cpp cancels the generation.
-        resp.close()
-
-    return close
-
-
-def _router_error_at(chunk: bytes) -> int | None:
-    """Where a router-mode parent's `proxy error:` line starts in a stream chunk, if it does. Only at
-    a line start: the model's own text is inside JSON strings, where a newline is always escaped."""
-    if chunk.startswith(_ROUTER_ERROR):
-        return 0
-    at = chunk.find(b"\n" + _ROUTER_ERROR)
-    return at + 1 if at >= 0 else None
-
-
-class _Watchdog:
-    """Idle and total limits of a stream, for the price of one timer per stream (not per chunk):
-    each chunk only stamps the time; the timer closes the response when a limit passes."""
-
-    def __init__(self, resp: aiohttp.ClientResponse, idle: float, total: float) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.resp, self.idle = resp, idle
-        self.last = self.loop.time()
-        self.deadline = self.last + total
-        self.total = total
-        self.fired: str | None = None
-        self._handle = self.loop.call_at(min(self.last + idle, self.deadline), self._check)
-
-    def _check(self) -> None:
-        now = self.loop.time()
-        if now >= self.deadline:
-            self.fired = f"the answer took longer than its total limit of {self.total:g}s"
-        elif now >= self.last + self.idle:
-            self.fired = f"silent for {self.idle:g}s"
-        else:
-            self._handle = self.loop.call_at(min(self.last + self.idle, self.deadline), self._check)
-            return
-        self.resp.close()  # wakes the pending read with a connection error, which _guarded renames
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-
-
-async def _guarded(name: str, chunks: AsyncIterator[bytes], dog: _Watchdog) -> AsyncIterator[bytes]:
-    loop = dog.loop
-    try:
-        async for chunk in chunks:
-            dog.last = loop.time()
-            cut = _router_error_at(chunk)
-            if cut is not None:  # router mode: the child died mid-stream; the parent wrote its text
-                if cut:
-                    yield chunk[:cut]
-                raise failures.from_status(name, 502, None, chunk[cut:].strip())
-            yield chunk
-        if dog.fired:  # closing may end the read quietly instead of raising
-            raise failures.UpstreamFailure(failures.Kind.TIMEOUT, name, dog.fired)
-    except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:
-        if dog.fired:
-            raise failures.UpstreamFailure(failures.Kind.TIMEOUT, name, dog.fired) from e
-        raise failures.from_exception(name, e) from e
-    finally:
-        dog.cancel()
