@@ -1,4 +1,5 @@
-"""`switchyard serve` runs on uvloop where it is installed; litellm's import is frozen out of the GC."""
+"""`switchyard serve` runs on asyncio's loop by default and on uvloop when asked (SWITCHYARD_LOOP=uvloop);
+litellm's import is frozen out of the GC."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from gateway.backends.hosted import load_litellm
 from tests.conftest import config_for, write_config
 
 
-def test_serve_runs_on_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("uvloop")
+@pytest.mark.parametrize(("asked", "module"), [(None, "asyncio"), ("uvloop", "uvloop")])
+def test_serve_runs_on_the_loop_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: str | None,
+                                          module: str) -> None:
+    if asked:
+        monkeypatch.setenv("SWITCHYARD_LOOP", asked)
+    else:
+        monkeypatch.delenv("SWITCHYARD_LOOP", raising=False)
     seen: list[Any] = []
 
     async def fake_serve(settings: Any, host: str, port: int) -> None:
@@ -26,7 +32,7 @@ def test_serve_runs_on_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     gateway, policy = config_for("http://127.0.0.1:9", "http://127.0.0.1:9/v1", data_dir=str(tmp_path / "data"))
     path = write_config(tmp_path, gateway, {"default": policy})
     assert cli.cmd_serve(argparse.Namespace(config=str(path), host=None, port=None)) == 0
-    assert seen and type(seen[0]).__module__.startswith("uvloop")
+    assert seen and type(seen[0]).__module__.startswith(module)
 
 
 def test_litellms_import_is_frozen_out_of_the_collector() -> None:
