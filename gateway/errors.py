@@ -39,11 +39,11 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return json.dumps(self.payload()).encode()
 
-    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+    def response(self, extra_headers: dict[str, str] | None = None, protocol: Any = None) -> web.Response:
+        """`protocol` (gateway/protocols) renders the error in the caller's own shape; none is OpenAI's."""
         headers = {**self.headers, **(extra_headers or {})}
-        return web.Response(
-            status=self.status, body=self.body(), content_type="application/json", headers=headers
-        )
+        body = self.body() if protocol is None else json.dumps(protocol.error_body(self)).encode()
+        return web.Response(status=self.status, body=body, content_type="application/json", headers=headers)
 
 
 def error_payload(message: str, type_: str, code: str | int | None) -> dict[str, Any]:

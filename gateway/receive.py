@@ -7,6 +7,7 @@ judge of everything model-specific, and its 4xx is passed through untouched.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,18 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_tokens: int | None
+    # The inbound protocol (gateway/protocols) and, for Messages/Responses, the chat-completions
+    # view of the body that classification and sizing read; the body itself goes upstream as is.
+    protocol: str = "chat"
+    view: dict[str, Any] | None = None
+
+    @property
+    def chat(self) -> dict[str, Any]:
+        return self.body if self.view is None else self.view
 
 
-async def receive(request: web.Request, body_limit: int) -> ChatRequest:
+async def receive(request: web.Request, body_limit: int,
+                  parse: Callable[[bytes, CIMultiDictProxy[str]], ChatRequest] | None = None) -> ChatRequest:
     length = request.content_length
     if length is not None and length > body_limit:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {body_limit} bytes")
@@ -37,7 +47,7 @@ async def receive(request: web.Request, body_limit: int) -> ChatRequest:
         raise PayloadTooLarge(f"request body exceeds the limit of {body_limit} bytes") from e
     if len(raw) > body_limit:
         raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {body_limit} bytes")
-    return parse_chat(raw, request.headers)
+    return (parse or parse_chat)(raw, request.headers)
 
 
 def parse_chat(raw: bytes, headers: CIMultiDictProxy[str]) -> ChatRequest:

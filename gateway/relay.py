@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from . import failures
 from .backends.base import Upstream
 from .errors import error_payload
+
+if TYPE_CHECKING:
+    from .protocols import Protocol
 
 _DONE = b"data: [DONE]"
 _USAGE, _USAGE_SPACED = b'"usage":{', b'"usage": {'
@@ -56,10 +60,13 @@ def _usage_from_sse(chunk: bytes) -> dict[str, Any] | None:
     return _usage_from_json(chunk[start + 5:end if end >= 0 else len(chunk)].strip())
 
 
-async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str, str],
-                     started: float) -> tuple[web.StreamResponse, Outcome]:
+async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str, str], started: float,
+                     usage_of: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+                     ) -> tuple[web.StreamResponse, Outcome]:
+    """`usage_of` reads a non-chat protocol's answer (Messages, Responses) into chat usage counts."""
     outcome = Outcome(first_byte_s=time.monotonic() - started)
-    outcome.usage = upstream.usage or _usage_from_json(upstream.first)
+    outcome.usage = upstream.usage or (_usage_from_json(upstream.first) if usage_of is None
+                                       else _usage_by(usage_of, upstream.first))
     await upstream.close()
     resp = web.Response(status=upstream.status, body=upstream.first, content_type="application/json",
                         headers=headers)
@@ -134,6 +141,74 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
     return resp, outcome
 
 
+async def relay_events(request: web.Request, upstream: Upstream, headers: dict[str, str], started: float,
+                       *, protocol: Protocol, prompt_tokens: int, backend: str) -> tuple[web.StreamResponse, Outcome]:
+    """A Messages or Responses event stream, bytes through. What ends it well, where its usage is
+    and how a broken one must end all come from `protocol`; the guarantees are chat's: a stream
+    that breaks ends with the protocol's error event, and every stream's tokens reach the ledger."""
+    outcome = Outcome(first_byte_s=time.monotonic() - started)
+    resp = web.StreamResponse(status=200, headers={
+        **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    saw_end = saw_error = False
+    usage: dict[str, Any] = {}
+    deltas = 0
+
+    async def forward(chunk: bytes) -> None:
+        nonlocal saw_end, saw_error, deltas
+        deltas += chunk.count(protocol.delta_mark)
+        if any(m in chunk for m in protocol.usage_marks):
+            protocol.stream_usage(chunk, usage)
+        if any(m in chunk for m in protocol.errors):
+            saw_error = True
+            outcome.failure = failures.from_stream_error_event(backend, _error_line(chunk))
+        if any(m in chunk for m in protocol.ends):
+            saw_end = True
+        await resp.write(chunk)
+
+    try:
+        await resp.prepare(request)
+        await forward(upstream.first)
+        async for chunk in upstream.rest:
+            await forward(chunk)
+    except failures.UpstreamFailure as f:
+        outcome.failure = f
+    except (ConnectionResetError, ConnectionError):
+        outcome.client_gone = True
+    finally:
+        await upstream.close()
+    if outcome.client_gone:
+        return resp, outcome
+    if saw_error and outcome.failure is None:
+        outcome.failure = failures.UpstreamFailure(failures.Kind.BROKEN_STREAM, backend, "the stream ended in an error")
+    if not saw_end and not saw_error:
+        if outcome.failure is None:
+            outcome.failure = failures.UpstreamFailure(
+                failures.Kind.BROKEN_STREAM, backend, f"the stream ended without its {protocol.name} end event")
+        try:
+            await resp.write(protocol.stream_error(_in_words(backend, outcome.failure)))
+        except (ConnectionResetError, ConnectionError):
+            outcome.client_gone = True
+            return resp, outcome
+    outcome.usage = upstream.usage or (
+        {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage} or None)
+    if outcome.usage is None:  # the upstream sent none: count what we relayed
+        outcome.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": deltas,
+                         "total_tokens": prompt_tokens + deltas}
+    try:
+        await resp.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        outcome.client_gone = True
+    return resp, outcome
+
+
+def _usage_by(usage_of: Callable[[dict[str, Any]], dict[str, Any] | None], body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return usage_of(data) if isinstance(data, dict) else None
+
+
 def _in_words(backend: str, f: failures.UpstreamFailure) -> str:
     """What a person reading the chat should see, not an exception class name."""
     if f.kind is failures.Kind.CRASH:
@@ -158,7 +233,7 @@ def _without_usage_event(chunk: bytes) -> bytes:
 
 def _error_line(chunk: bytes) -> bytes:
     for line in chunk.split(b"\n"):
-        if line.startswith(b"data:") and _ERROR in line:
+        if line.startswith(b"data:") and (_ERROR in line or b'"error"' in line):
             return line[5:].strip()
     return chunk
 

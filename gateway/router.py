@@ -64,7 +64,7 @@ class Router:
         return self.classifier.classify(req, policy)
 
     async def decide(self, req: ChatRequest, profile: RequestProfile, policy: Policy) -> Route:
-        return await self.decider.decide(req.body, req.headers, profile, policy)
+        return await self.decider.decide(req.chat, req.headers, profile, policy)
 
     async def close(self) -> None:
         for b in self.backends.values():

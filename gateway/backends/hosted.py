@@ -18,6 +18,7 @@ from .. import catalog, failures
 from ..config import LiteLLMBackend as LiteLLMConfig
 from ..tokens import count_tiktoken
 from .base import Fit, FitQuery, ProbeResult, Upstream, empty_rest
+from .hosted_protocols import open_protocol
 
 # Otherwise litellm downloads its price map at import and retries for seconds when offline.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -86,7 +87,9 @@ class HostedBackend:
         return kwargs
 
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
-                   raw: bytes | None = None) -> Upstream:
+                   raw: bytes | None = None, protocol: str = "chat") -> Upstream:
+        if protocol != "chat":  # Messages / Responses: litellm's adapters, in hosted_protocols.py
+            return await open_protocol(self, body, headers, stream, protocol)
         litellm = load_litellm()
         try:
             async with asyncio.timeout(self.config.timeouts.first_byte):

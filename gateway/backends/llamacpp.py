@@ -26,6 +26,7 @@ from .. import failures
 from ..ceiling import CrashCeilings
 from ..config import LlamaCppBackend as LlamaCppConfig
 from ..loopwatch import watch as loopwatch
+from ..protocols import PROTOCOLS
 from .assemble import assemble, sse_objects
 from .base import Fit, FitQuery, ProbeResult, Upstream, empty_rest
 
@@ -71,10 +72,10 @@ class LlamaCppBackend:
             self._fresh = self._new_session(force_close=True)
         return self._fresh
 
-    async def _post(self, data: bytes) -> aiohttp.ClientResponse:
+    async def _post(self, data: bytes, path: str = "/v1/chat/completions") -> aiohttp.ClientResponse:
         began = asyncio.get_running_loop().time()
         try:
-            return await self._send(data)
+            return await self._send(data, path)
         except aiohttp.ConnectionTimeoutError:
             stalled = loopwatch.stalled_since(began)
             if stalled < self.config.timeouts.connect / 2:
@@ -82,10 +83,10 @@ class LlamaCppBackend:
             # Our own loop was stalled: the connect may have completed long ago unseen. Not the server's fault.
             log.warning("connect to %s timed out while the gateway's event loop was stalled %.1fs: retrying once",
                         self.name, stalled)
-            return await self._send(data)
+            return await self._send(data, path)
 
-    async def _send(self, data: bytes) -> aiohttp.ClientResponse:
-        url = f"{self.url}/v1/chat/completions"
+    async def _send(self, data: bytes, path: str = "/v1/chat/completions") -> aiohttp.ClientResponse:
+        url = f"{self.url}{path}"
         if not self.config.keep_alive:
             return await self.session.post(url, data=data, headers=_JSON)
         try:
@@ -114,8 +115,13 @@ class LlamaCppBackend:
         self.url = url.rstrip("/")
 
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
-                   raw: bytes | None = None) -> Upstream:
-        if stream:
+                   raw: bytes | None = None, protocol: str = "chat") -> Upstream:
+        # llama-server serves Messages and Responses natively: their bytes go through to their path.
+        native = protocol != "chat"
+        path = PROTOCOLS[protocol].path
+        if stream or native:
+            # A native non-streamed answer is relayed whole (no assembler for those event formats):
+            # llama.cpp cannot cancel it on hang-up, a cost only non-streaming callers pay.
             data = raw if raw is not None else json.dumps(body).encode()
         else:
             # llama.cpp cannot cancel a non-streamed generation when we hang up (llama.cpp #9273): ask
@@ -124,11 +130,15 @@ class LlamaCppBackend:
         t = self.config.timeouts
         try:
             async with asyncio.timeout(t.first_byte):
-                resp = await self._post(data)
+                resp = await self._post(data, path)
                 try:
                     if resp.status != 200:
                         raw = await resp.read()
                         raise failures.from_status(self.name, resp.status, resp.headers, raw)
+                    if not stream and native:
+                        whole = await resp.read()
+                        resp.close()
+                        return Upstream(200, whole, empty_rest(), _noop)
                     if not stream:
                         return await self._assembled(resp)
                     chunks = resp.content.iter_any()
