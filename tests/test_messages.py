@@ -47,7 +47,8 @@ async def gateway_with_anthropic_hosted(make_gateway: GatewayFactory, local_url:
     return await make_gateway(local_url, backends=backends)
 
 
-async def test_messages_non_streamed_through_local(llama: LlamaServer, make_gateway: GatewayFactory, sdk_for: Any) -> None:
+async def test_messages_non_streamed_through_local(llama: LlamaServer, make_gateway: GatewayFactory,
+                                                   sdk_for: Any) -> None:
     gw = await make_gateway(llama.url)
     msg = await sdk_for(gw).messages.create(model="claude-sonnet-4-5", max_tokens=8,
                                              messages=[{"role": "user", "content": "Say hello."}])
