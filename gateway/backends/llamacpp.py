@@ -142,7 +142,7 @@ class LlamaCppBackend:
                     if not stream:
                         return await self._assembled(resp)
                     chunks = resp.content.iter_any()
-                    first = await anext(chunks, b"")
+                    first = await _first_data(chunks)
                     if not first:
                         raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "stream closed before any data")
                 except BaseException:
@@ -292,6 +292,19 @@ class LlamaCppBackend:
         for s in (self._session, self._fresh):
             if s is not None:
                 await s.close()
+
+
+async def _first_data(chunks: AsyncIterator[bytes]) -> bytes:
+    """The first chunk that carries an event, with any SSE comments before it kept in front.
+    llama-server (b11434) sends a `:` comment line as soon as it accepts a stream, before the
+    prefill: that is not the answer's first byte, and a crash during the prefill must still be able
+    to fail over unseen."""
+    held = b""
+    async for chunk in chunks:
+        held += chunk
+        if any(line and not line.startswith(b":") for line in held.split(b"\n")):
+            return held
+    return held if held.strip(b": \n") else b""
 
 
 async def _noop() -> None:
