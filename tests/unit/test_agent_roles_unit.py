@@ -109,7 +109,8 @@ async def test_agent_request_role_and_route_match_opencode(settings: Any, name: 
     assert out["session"] and out["model"] == "auto"  # claude-*/gpt-* ids route as auto
     twin = await explain(settings, *OPENCODE[role])
     assert twin["role"] == role
-    assert [s["backend"] for s in out["route"]] == [s["backend"] for s in twin["route"]], (out["reason"], twin["reason"])
+    route, twin_route = [s["backend"] for s in out["route"]], [s["backend"] for s in twin["route"]]
+    assert route == twin_route, (out["reason"], twin["reason"])
 
 
 async def test_a_task_model_named_by_the_team_stays_a_task_model(tmp_path: Path) -> None:
