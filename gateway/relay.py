@@ -11,6 +11,7 @@ the local slot at once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 _DONE = b"data: [DONE]"
 _USAGE, _USAGE_SPACED = b'"usage":{', b'"usage": {'
 _ERROR = b'{"error"'  # an SSE error event; inside a JSON string the quotes would be escaped
+_CLOSING: set[asyncio.Future[None]] = set()  # background closes of finished streams (kept referenced)
 
 
 @dataclass(slots=True)
@@ -149,7 +151,7 @@ async def relay_events(request: web.Request, upstream: Upstream, headers: dict[s
     outcome = Outcome(first_byte_s=time.monotonic() - started)
     resp = web.StreamResponse(status=200, headers={
         **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    saw_end = saw_error = False
+    saw_end = saw_error = client_left = False
     usage: dict[str, Any] = {}
     deltas = 0
 
@@ -168,14 +170,31 @@ async def relay_events(request: web.Request, upstream: Upstream, headers: dict[s
     try:
         await resp.prepare(request)
         await forward(upstream.first)
-        async for chunk in upstream.rest:
+        rest = upstream.rest
+        while not saw_end:  # the end event is final: read no further (a client may hang up right after it)
+            try:
+                chunk = await anext(rest)
+            except StopAsyncIteration:
+                break
             await forward(chunk)
     except failures.UpstreamFailure as f:
         outcome.failure = f
+    except asyncio.CancelledError:
+        if not saw_end:
+            raise
+        _delivered()
+        client_left = True
     except (ConnectionResetError, ConnectionError):
-        outcome.client_gone = True
+        # Codex hangs up as soon as it reads response.completed: after the end event that is a success.
+        outcome.client_gone = not saw_end
+        client_left = True
     finally:
-        await upstream.close()
+        if saw_end:  # nothing more to cancel: close in the background, the answer is complete
+            closing = asyncio.ensure_future(upstream.close())
+            _CLOSING.add(closing)
+            closing.add_done_callback(_CLOSING.discard)
+        else:
+            await upstream.close()
     if outcome.client_gone:
         return resp, outcome
     if saw_error and outcome.failure is None:
@@ -194,11 +213,25 @@ async def relay_events(request: web.Request, upstream: Upstream, headers: dict[s
     if outcome.usage is None:  # the upstream sent none: count what we relayed
         outcome.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": deltas,
                          "total_tokens": prompt_tokens + deltas}
+    if client_left:
+        return resp, outcome
     try:
         await resp.write_eof()
     except (ConnectionResetError, ConnectionError):
-        outcome.client_gone = True
+        outcome.client_gone = not saw_end
+    except asyncio.CancelledError:
+        if not saw_end:
+            raise
+        _delivered()
     return resp, outcome
+
+
+def _delivered() -> None:
+    """The client hung up after the end event (Codex does, the moment it reads response.completed)
+    and aiohttp cancelled the handler: the answer was delivered whole, so it is recorded as such."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _usage_by(usage_of: Callable[[dict[str, Any]], dict[str, Any] | None], body: bytes) -> dict[str, Any] | None:

@@ -112,7 +112,7 @@ async def test_messages_overflow_is_prompt_too_long(llama: LlamaServer, make_gat
 @pytest.mark.parametrize("body", [
     b"", b"not json", b"[]", json.dumps({"max_tokens": 5}).encode(),
     json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode(),  # no max_tokens
-    json.dumps({"model": "auto", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}).encode(),
+    json.dumps({"model": "auto", "max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]}).encode(),
     json.dumps({"model": "auto", "max_tokens": 5, "stream": "yes",
                 "messages": [{"role": "user", "content": "hi"}]}).encode(),
 ])

@@ -46,8 +46,11 @@ class MessagesProtocol(Protocol):
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages: field required and must be a non-empty array", code="invalid_messages")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-                raise InvalidRequest(f"messages.{i}.role: must be 'user' or 'assistant'", code="invalid_messages")
+            # Claude Code 2.1.328 also sends mid-conversation `system` messages (its reminders).
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+                role = m.get("role") if isinstance(m, dict) else None
+                raise InvalidRequest(f"messages.{i}.role: must be 'user' or 'assistant', not {role!r}"[:200],
+                                     code="invalid_messages")
             if not isinstance(m.get("content"), (str, list)):
                 raise InvalidRequest(f"messages.{i}.content: must be a string or an array", code="invalid_messages")
         model = body.get("model", "auto")
