@@ -131,3 +131,38 @@ async def test_count_tokens_uses_local_exact_count(llama: LlamaServer, make_gate
     assert 3 < n.input_tokens < 60
     r = await gw.client.post("/messages/count_tokens", json={"model": "auto", "messages": []})
     assert r.status == 400 and (await r.json())["type"] == "error"
+
+
+async def test_messages_fail_over_keep_headers_and_reach_metrics_and_ledger(make_gateway: GatewayFactory,
+                                                                            fake: FakeHosted) -> None:
+    from gateway.ledger import usage_table
+
+    gw = await make_gateway("http://127.0.0.1:9")  # local refuses: hosted answers, in Anthropic's shape
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    r = await gw.client.post("/v1/messages", json=body, headers={"x-claude-code-session-id": "s1"})
+    text = await r.text()
+    assert r.status == 200 and "event: message_stop" in text
+    assert r.headers["x-switchyard-backend"] == "hosted" and "local" in r.headers["x-switchyard-failover"]
+    d = gw.last
+    assert d.outcome == "ok" and d.session == "s1" and d.tokens_out > 0 and d.cost > 0
+    metrics = await (await gw.client.get("/metrics")).text()
+    assert 'switchyard_tokens_total{backend="hosted",direction="out",team="default"}' in metrics
+    assert await gw.runtime.ledger.flush()
+    (row,) = usage_table(gw.runtime.ledger.path, 0)
+    assert row["backend"] == "hosted" and row["tokens_out"] > 0
+
+
+async def test_messages_broken_hosted_stream_ends_with_anthropic_error_event(make_gateway: GatewayFactory,
+                                                                              fake: FakeHosted) -> None:
+    from tests.fake_hosted import Reply
+
+    fake.script(Reply.broken_stream(after_chunks=1))
+    gw = await make_gateway("http://127.0.0.1:9", policies={"default": {"team": "default", "rules": [
+        {"name": "d", "route": ["hosted"]}]}})
+    r = await gw.client.post("/v1/messages", json={"model": "auto", "max_tokens": 8, "stream": True,
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+    text = await r.text()
+    last = text.strip().rsplit("\n\n", 1)[-1]
+    assert r.status == 200 and last.startswith("event: error") and '"type": "error"' in last
+    assert gw.last.outcome == "broken_stream"
