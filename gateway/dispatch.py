@@ -161,7 +161,8 @@ class Dispatcher:
                                                include_usage=req.include_usage, prompt_tokens=walk.route.tokens_in,
                                                backend=step.backend)
         else:
-            resp, outcome = await relay_json(walk.request, upstream, out_headers, walk.started, proto.usage_of)
+            resp, outcome = await relay_json(walk.request, upstream, out_headers, walk.started,
+                                             None if proto is CHAT else proto.usage_of)
         self._settle(breaker, outcome, decision, backend, walk.route)
         return resp
 
