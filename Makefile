@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= switchyard.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit install install-test llama-server node-deps chromium lint bench clean
+.PHONY: run test unit install install-test llama-server node-deps agent-deps chromium lint bench clean
 
 # Each slow first-run step says what it does and how long it takes, then shows its own progress
 # (pip's Collecting/Downloading lines, cmake's [ NN%] lines, npm's spinner, apt's Get/Setting up lines).
@@ -41,11 +41,17 @@ node-deps:
 	  echo "make: installing opencode from npm for the end-to-end test (first run only, ~10-60 s)..."; \
 	  npm install --no-audit --no-fund --loglevel=error; }; }
 
+# Claude Code and Codex CLI (pinned) for tests/test_agents_e2e.py: the real agents, through Switchyard.
+agent-deps:
+	@cd tests/agents && { npm ls --depth=0 >/dev/null 2>&1 || { \
+	  echo "make: installing Claude Code and Codex CLI from npm for the agent test (first run only, ~10-60 s)..."; \
+	  npm install --no-audit --no-fund --loglevel=error; }; }
+
 # Real headless Chromium for the status-page test (Debian packages chromium + chromium-driver).
 chromium:
 	@bash scripts/ensure-chromium.sh
 
-test: install llama-server node-deps chromium
+test: install llama-server node-deps agent-deps chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

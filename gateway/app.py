@@ -55,6 +55,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app[endpoints.ADMIN] = endpoints.admin_digests(settings.gateway)
     app.router.add_post("/v1/chat/completions", endpoints.chat_completions)
     app.router.add_post("/chat/completions", endpoints.chat_completions)
+    for prefix in ("/v1", ""):  # Claude Code and Codex are pointed at a base URL with or without /v1
+        app.router.add_post(f"{prefix}/messages", endpoints.messages)
+        app.router.add_post(f"{prefix}/messages/count_tokens", endpoints.count_tokens)
+        app.router.add_post(f"{prefix}/responses", endpoints.responses)
     app.router.add_get("/v1/models", endpoints.models)
     app.router.add_get("/models", endpoints.models)
     app.router.add_get("/healthz", endpoints.healthz)

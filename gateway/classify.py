@@ -8,6 +8,7 @@ anything else is an interactive turn (`main`). All of it is data: adding a clien
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -54,6 +55,10 @@ class SignaturePack:
     role_headers: dict[str, dict[str, str]]
     subagent_headers: tuple[str, ...]
     prompts: tuple[Signature, ...]
+    # Vendor model ids an agent asks for by default (Claude Code's claude-*, Codex's gpt-*): routed as
+    # `auto` on the Messages/Responses endpoints unless the team names them as task models.
+    vendor_models: tuple[str, ...] = ()
+    json_role_headers: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     # team -> (the policy object it was built from, its signatures + the pack)
     _extended: dict[str, tuple[Policy, tuple[Signature, ...]]] = field(default_factory=dict, compare=False,
                                                                         repr=False)
@@ -70,6 +75,9 @@ class SignaturePack:
                           for h, m in (data.get("role_headers") or {}).items()},
             subagent_headers=tuple(data.get("subagent_headers", ())),
             prompts=tuple(Signature.model_validate(p) for p in data.get("prompts", [])),
+            vendor_models=tuple(data.get("vendor_models", ())),
+            json_role_headers={h.lower(): (str(m["field"]), {str(k).lower(): v for k, v in m["values"].items()})
+                               for h, m in (data.get("json_role_headers") or {}).items()},
         )
 
     def prompts_for(self, policy: Policy) -> tuple[Signature, ...]:
@@ -95,6 +103,23 @@ def _text(content: Any) -> str:
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 return part["text"]
     return ""
+
+
+def _texts(content: Any) -> tuple[str, ...]:
+    if isinstance(content, list):
+        return tuple(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return (content,) if isinstance(content, str) else ()
+
+
+def _json_field(value: str | None, key: str) -> str | None:
+    if not value or not value.lstrip().startswith("{"):
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    field_value = data.get(key) if isinstance(data, dict) else None
+    return field_value if isinstance(field_value, str) else None
 
 
 class Classifier:
@@ -123,10 +148,15 @@ class Classifier:
                 role = mapping.get(value.strip().lower())
                 if role:
                     return role, f"header {header}"
+        for header, (key, mapping) in self.pack.json_role_headers.items():
+            value = _json_field(headers.get(header), key)  # Codex: x-codex-turn-metadata {"request_kind": ...}
+            role = mapping.get(value.strip().lower()) if value else None
+            if role:
+                return role, f"header {header} {key}={value}"
         for h in self.pack.subagent_headers:
             if h in headers:
                 return "subagent", f"header {h}"
-        role = self._by_prompt(req.body["messages"], policy)
+        role = self._by_prompt(req.chat["messages"], policy)
         if role:
             return role
         if req.model in policy.task_models:
@@ -137,17 +167,25 @@ class Classifier:
     def _by_prompt(self, messages: list[dict[str, Any]], policy: Policy) -> tuple[str, str] | None:
         first = messages[0]
         system = _text(first.get("content")) if first.get("role") in ("system", "developer") else ""
+        # Claude Code's system prompt opens with a billing-header block: its later blocks count too.
+        systems = _texts(first.get("content")) if system else ()
         last_user = ""
         for m in reversed(messages):
             if m.get("role") == "user":
                 last_user = _text(m.get("content"))
                 break
         for i, sig in enumerate(self.pack.prompts_for(policy)):
-            if sig.system_prefix and system and system.startswith(tuple(sig.system_prefix)):
+            if sig.system_prefix and any(t.startswith(tuple(sig.system_prefix)) for t in systems):
                 return sig.role, f"signature {i} (system prompt)"
             if sig.last_user_prefix and last_user and last_user.startswith(tuple(sig.last_user_prefix)):
                 return sig.role, f"signature {i} (user prompt)"
         return None
+
+    def model_of(self, req: ChatRequest, policy: Policy) -> str:
+        if (req.protocol != "chat" and req.model not in policy.task_models
+                and req.model.startswith(self.pack.vendor_models)):
+            return "auto"
+        return req.model
 
     def classify(self, req: ChatRequest, policy: Policy) -> RequestProfile:
         role, source = self.role_of(req, policy)
@@ -160,8 +198,8 @@ class Classifier:
             client=self.client_of(req.headers),
             session=self.session_of(req.headers),
             team=policy.team,
-            model=req.model,
-            size=size_of(req.raw, req.body),
+            model=self.model_of(req, policy),
+            size=size_of(req.raw, req.chat),
             output_reserve=reserve,
             max_tokens=req.max_tokens,
         )

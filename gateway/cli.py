@@ -165,11 +165,24 @@ async def _gateway_state(url: str) -> dict[str, Any]:
         return {}
 
 
+def _parse_any(raw: bytes, headers: CIMultiDictProxy[str]) -> Any:
+    """A chat completion, an Anthropic Messages or a Responses body, told apart by shape."""
+    import json
+
+    from .protocols import detect
+    from .receive import parse_chat
+
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return parse_chat(raw, headers)  # its error names the problem
+    return detect(body if isinstance(body, dict) else {}, headers).parse(raw, headers)
+
+
 async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str], live: bool,
                    gateway_url: str | None = None, team: str | None = None,
                    team_key: str | None = None) -> dict[str, Any]:
     from .errors import GatewayError
-    from .receive import parse_chat
     from .router import Router
 
     rt = Router.build(settings)  # decides only: no ledger, no data dir, no network unless --live
@@ -188,7 +201,7 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
                     # not this process's environment.
                     rt.decider.live_unusable[name] = None if state["ready"] else (
                         f"not ready in the running gateway: {state.get('detail') or 'unknown'}")
-        req = parse_chat(raw, headers)
+        req = _parse_any(raw, headers)
         policy = rt.policy
         if team_key:
             found = rt.teams.team_for_key(team_key)
@@ -201,6 +214,7 @@ async def _explain(settings: Settings, raw: bytes, headers: CIMultiDictProxy[str
             policy = rt.teams.policies[team]
         profile = rt.classify(req, policy)
         out: dict[str, Any] = {
+            "protocol": req.protocol,
             "team": profile.team, "role": profile.role, "role_source": profile.role_source,
             "client": profile.client, "session": profile.session, "model": profile.model,
             "bytes": profile.size.nbytes, "tokens_in": profile.tokens_in, "output_reserve": profile.output_reserve,

@@ -29,9 +29,10 @@ from .breaker import CircuitBreaker
 from .classify import RequestProfile
 from .decide import Route, Step
 from .errors import ContextLengthExceeded, GatewayError, NoBackendAvailable, RateLimited, error_payload
+from .protocols import CHAT, MESSAGES, PROTOCOLS, Protocol
 from .receive import ChatRequest
 from .record import CIRCUIT_OPEN, PREEMPTED, SPILLED, Decision, FailoverEvent
-from .relay import Outcome, relay_json, relay_stream
+from .relay import Outcome, relay_events, relay_json, relay_stream
 from .retry import rate_limit_retrying
 from .slots import BACKGROUND, INTERACTIVE, Lease, QueueClosed, SlotQueue
 
@@ -150,19 +151,24 @@ class Dispatcher:
         except failures.UpstreamFailure as f:
             self._judge(breaker, backend, f, walk.route)
             if f.kind is failures.Kind.CLIENT_ERROR:
-                return _pass_through(f, walk.headers(step))
+                return _pass_through(f, walk.headers(step), PROTOCOLS[req.protocol])
             walk.failed(f)
             return None
         decision.backend = step.backend
         # Known now, so a client that leaves mid-stream is still recorded with its real first byte.
         decision.first_byte_ms = (time.monotonic() - walk.started) * 1000
         out_headers = walk.headers(step)
-        if req.stream:
+        proto = PROTOCOLS[req.protocol]
+        if req.stream and proto is not CHAT:  # Messages/Responses events: the protocol knows their end and usage
+            resp, outcome = await relay_events(walk.request, upstream, out_headers, walk.started, protocol=proto,
+                                               prompt_tokens=walk.route.tokens_in, backend=step.backend)
+        elif req.stream:
             resp, outcome = await relay_stream(walk.request, upstream, out_headers, walk.started,
                                                include_usage=req.include_usage, prompt_tokens=walk.route.tokens_in,
                                                backend=step.backend)
         else:
-            resp, outcome = await relay_json(walk.request, upstream, out_headers, walk.started)
+            resp, outcome = await relay_json(walk.request, upstream, out_headers, walk.started,
+                                             None if proto is CHAT else proto.usage_of)
         self._settle(breaker, outcome, decision, backend, walk.route)
         self._learn(step.backend, upstream, outcome, walk)
         return resp
@@ -198,11 +204,13 @@ class Dispatcher:
     async def _open(self, backend: Backend, body: dict[str, Any], walk: Walk, raw: bytes | None) -> Upstream:
         limiter = self.limiters.get(backend.name)
         headers, stream = walk.forwarded, walk.req.stream
+        # Only a non-chat request names its protocol, so chat-only backends keep their signature.
+        kw = {} if walk.req.protocol == CHAT.name else {"protocol": walk.req.protocol}
         if limiter is not None:
             await self._pace(backend, limiter)
         try:
             # The common case costs one call; the retry machinery is built only after a 429.
-            return await backend.open(body, headers, stream, raw)
+            return await backend.open(body, headers, stream, raw, **kw)
         except failures.UpstreamFailure as f:
             if f.kind is not failures.Kind.RATE_LIMITED:
                 raise
@@ -215,7 +223,7 @@ class Dispatcher:
                 walk.decision.retries = attempt.retry_state.attempt_number - 1
                 if limiter is not None:
                     await self._pace(backend, limiter)
-                return await backend.open(body, headers, stream, raw)
+                return await backend.open(body, headers, stream, raw, **kw)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -239,10 +247,11 @@ class Dispatcher:
         body = req.body
         model = backend.config.model
         clamp = route.max_tokens
+        proto = PROTOCOLS[req.protocol]  # Responses clamps max_output_tokens; only chat asks for usage
         # Open WebUI sends no max_tokens for tags and follow-ups: the clamp applies to those too.
-        asked = body.get("max_completion_tokens", body.get("max_tokens"))
+        asked = body.get("max_completion_tokens", body.get(proto.max_tokens_key))
         needs_clamp = clamp is not None and (asked is None or asked > clamp)
-        needs_usage = req.stream and not req.include_usage
+        needs_usage = req.stream and not req.include_usage and proto.asks_usage
         if (model is None or body.get("model") == model) and not needs_clamp and not needs_usage:
             return body
         out = dict(body)
@@ -250,7 +259,7 @@ class Dispatcher:
             out["model"] = model  # the client's "auto" or backend id becomes the upstream's model id
         if needs_clamp:
             out.pop("max_completion_tokens", None)
-            out["max_tokens"] = clamp
+            out[proto.max_tokens_key] = clamp
         if needs_usage:
             options = body.get("stream_options")
             out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
@@ -340,8 +349,9 @@ def _header_safe(value: str) -> str:
     return value.encode("ascii", "replace").decode().replace("\n", " ")[:1000]
 
 
-def _pass_through(f: failures.UpstreamFailure, headers: dict[str, str]) -> web.Response:
-    """A client mistake comes back as the upstream said it, never retried, never counted."""
+def _pass_through(f: failures.UpstreamFailure, headers: dict[str, str], proto: Protocol = CHAT) -> web.Response:
+    """A client mistake comes back as the upstream said it, never retried, never counted; in the
+    caller's protocol (llama.cpp answers OpenAI-shaped errors even on /v1/messages)."""
     body = f.body or b""
     try:
         parsed = json.loads(body)
@@ -350,4 +360,9 @@ def _pass_through(f: failures.UpstreamFailure, headers: dict[str, str]) -> web.R
         ok = False
     if not ok:
         body = json.dumps(error_payload(f.message, "invalid_request_error", "upstream_rejected")).encode()
+    elif proto is not CHAT and not (proto is MESSAGES and parsed.get("type") == "error"):
+        err = parsed["error"]
+        body = json.dumps(proto.upstream_error_body(f.status or 400, str(err.get("message") or f.message),
+                                                    str(err.get("type") or "invalid_request_error"),
+                                                    err.get("code"))).encode()
     return web.Response(status=f.status or 400, body=body, content_type="application/json", headers=headers)

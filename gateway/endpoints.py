@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import json
 import os
 import time
 import uuid
@@ -21,6 +22,7 @@ from .config import GatewayConfig, Policy
 from .dispatch import Walk
 from .errors import GatewayError, NoBackendAvailable, Unauthorized
 from .firstrun import startup_state
+from .protocols import CHAT, MESSAGES, RESPONSES, Protocol, litellm_views
 from .receive import CHECKED_HEADERS, receive
 from .record import Decision
 from .runtime import Runtime
@@ -97,6 +99,22 @@ def admin_only(challenge: str) -> Callable[[Handler], Handler]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await serve(request, CHAT)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """Anthropic Messages (Claude Code): the same pipeline, the caller's protocol end to end."""
+    await litellm_views.ready()  # the chat view is litellm's translation: import it off the loop once
+    return await serve(request, MESSAGES)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI Responses (Codex CLI)."""
+    await litellm_views.ready()
+    return await serve(request, RESPONSES)
+
+
+async def serve(request: web.Request, protocol: Protocol) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     started = time.monotonic()
     decision = Decision(id=uuid.uuid4().hex[:16], team="-")
@@ -110,7 +128,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         decision.team = policy.team
         gw = rt.settings.gateway
         req = await receive(request, gw.body_limit_bytes, body_timeout=gw.server.body_timeout,
-                            header_names=_checked_headers(rt))
+                            header_names=_checked_headers(rt), parse=protocol.parse)
         profile = rt.router.classify(req, policy)
         decision.role, decision.role_source = profile.role, profile.role_source
         decision.client, decision.session = profile.client, profile.session
@@ -125,7 +143,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         decision.outcome, decision.status, decision.error_code = "error", e.status, e.code
         decision.reason = decision.reason or e.message[:200]
         extra = {"x-switchyard-role": decision.role} if decision.role else {}
-        return e.response(extra)
+        return e.response(extra, None if protocol is CHAT else protocol)
     except asyncio.CancelledError:
         decision.outcome = "client_gone"
         raise
@@ -209,3 +227,30 @@ async def status_json(request: web.Request) -> web.Response:
 @admin_only("Basic")
 async def status_page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC / "status.html", headers={"Cache-Control": "no-cache"})
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """Anthropic's `/v1/messages/count_tokens`: a local server's own exact count when one can say,
+    else the byte estimate the router uses (never an upstream call that costs)."""
+    rt = request.app[RUNTIME]
+    await litellm_views.ready()
+    try:
+        policy = _authenticate(rt, request.headers)
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "max_tokens" not in body:
+            body["max_tokens"] = 1  # count_tokens bodies carry none; Messages requires one
+            raw = json.dumps(body).encode()
+        req = MESSAGES.parse(raw, request.headers)
+        profile = rt.router.classify(req, policy)
+        for backend in rt.backends.values():
+            if backend.free and not backend.unusable:  # our own server counts exactly, at no cost
+                n = await backend.count_tokens(req.chat)
+                if n is not None:
+                    return web.json_response({"input_tokens": n})
+        return web.json_response({"input_tokens": profile.tokens_in})
+    except GatewayError as e:
+        return e.response(None, MESSAGES)

@@ -39,9 +39,11 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return json.dumps(self.payload()).encode()
 
-    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+    def response(self, extra_headers: dict[str, str] | None = None, protocol: Any = None) -> web.Response:
+        """`protocol` (gateway/protocols) renders the error in the caller's own shape; none is OpenAI's."""
         headers = {**self.headers, **(extra_headers or {})}
-        resp = web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
+        body = self.body() if protocol is None else json.dumps(protocol.error_body(self)).encode()
+        resp = web.Response(status=self.status, body=body, content_type="application/json", headers=headers)
         if headers.get("Connection", "").lower() == "close":
             resp.force_close()  # the connection is unusable (e.g. a body we could not read to its end)
         return resp

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -37,10 +37,19 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_tokens: int | None
+    # The inbound protocol (gateway/protocols) and, for Messages/Responses, the chat-completions
+    # view of the body that classification and sizing read; the body itself goes upstream as is.
+    protocol: str = "chat"
+    view: dict[str, Any] | None = None
+
+    @property
+    def chat(self) -> dict[str, Any]:
+        return self.body if self.view is None else self.view
 
 
 async def receive(request: web.Request, body_limit: int, *, body_timeout: float | None = None,
-                  header_names: Iterable[str] = CHECKED_HEADERS) -> ChatRequest:
+                  header_names: Iterable[str] = CHECKED_HEADERS,
+                  parse: Callable[[bytes, CIMultiDictProxy[str]], ChatRequest] | None = None) -> ChatRequest:
     length = request.content_length
     if length is not None and length > body_limit:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {body_limit} bytes")
@@ -66,7 +75,7 @@ async def receive(request: web.Request, body_limit: int, *, body_timeout: float 
                              headers=CLOSE) from e
     if len(raw) > body_limit:
         raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {body_limit} bytes")
-    return parse_chat(raw, request.headers)
+    return (parse or parse_chat)(raw, request.headers)
 
 
 def _describe(e: BaseException) -> str:

@@ -11,10 +11,12 @@ the local slot at once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -22,9 +24,13 @@ from . import failures
 from .backends.base import Upstream
 from .errors import error_payload
 
+if TYPE_CHECKING:
+    from .protocols import Protocol
+
 _DONE = b"data: [DONE]"
 _USAGE, _USAGE_SPACED = b'"usage":{', b'"usage": {'
 _ERROR = b'{"error"'  # an SSE error event; inside a JSON string the quotes would be escaped
+_CLOSING: set[asyncio.Future[None]] = set()  # background closes of finished streams (kept referenced)
 
 
 @dataclass(slots=True)
@@ -60,10 +66,15 @@ def _stats_from_sse(chunk: bytes) -> tuple[dict[str, Any] | None, dict[str, Any]
     return _stats_from_json(chunk[start + 5:end if end >= 0 else len(chunk)].strip())
 
 
-async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str, str],
-                     started: float) -> tuple[web.StreamResponse, Outcome]:
+async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str, str], started: float,
+                     usage_of: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+                     ) -> tuple[web.StreamResponse, Outcome]:
+    """`usage_of` reads a non-chat protocol's answer (Messages, Responses) into chat usage counts."""
     outcome = Outcome(first_byte_s=time.monotonic() - started)
-    usage, outcome.timings = _stats_from_json(upstream.first)
+    if usage_of is None:
+        usage, outcome.timings = _stats_from_json(upstream.first)
+    else:
+        usage = _usage_by(usage_of, upstream.first)
     outcome.usage = upstream.usage or usage
     await upstream.close()
     resp = web.Response(status=upstream.status, body=upstream.first, content_type="application/json",
@@ -143,6 +154,105 @@ async def relay_stream(request: web.Request, upstream: Upstream, headers: dict[s
     return resp, outcome
 
 
+async def relay_events(request: web.Request, upstream: Upstream, headers: dict[str, str], started: float,
+                       *, protocol: Protocol, prompt_tokens: int, backend: str) -> tuple[web.StreamResponse, Outcome]:
+    """A Messages or Responses event stream, bytes through. What ends it well, where its usage is
+    and how a broken one must end all come from `protocol`; the guarantees are chat's: a stream
+    that breaks ends with the protocol's error event, and every stream's tokens reach the ledger."""
+    outcome = Outcome(first_byte_s=time.monotonic() - started)
+    resp = web.StreamResponse(status=200, headers={
+        **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    saw_end = saw_error = client_left = False
+    usage: dict[str, Any] = {}
+    deltas = 0
+
+    async def forward(chunk: bytes) -> None:
+        nonlocal saw_end, saw_error, deltas
+        deltas += chunk.count(protocol.delta_mark)
+        if any(m in chunk for m in protocol.usage_marks):
+            protocol.stream_usage(chunk, usage)
+        if any(m in chunk for m in protocol.errors):
+            saw_error = True
+            outcome.failure = failures.from_stream_error_event(backend, _error_line(chunk))
+        if any(m in chunk for m in protocol.ends):
+            saw_end = True
+        await resp.write(chunk)
+
+    try:
+        await resp.prepare(request)
+        await forward(upstream.first)
+        rest = upstream.rest
+        while not saw_end:  # the end event is final: read no further (a client may hang up right after it)
+            try:
+                chunk = await anext(rest)
+            except StopAsyncIteration:
+                break
+            await forward(chunk)
+    except failures.UpstreamFailure as f:
+        outcome.failure = f
+    except asyncio.CancelledError:
+        if not saw_end:
+            raise
+        _delivered()
+        client_left = True
+    except (ConnectionResetError, ConnectionError):
+        # Codex hangs up as soon as it reads response.completed: after the end event that is a success.
+        outcome.client_gone = not saw_end
+        client_left = True
+    finally:
+        if saw_end:  # nothing more to cancel: close in the background, the answer is complete
+            closing = asyncio.ensure_future(upstream.close())
+            _CLOSING.add(closing)
+            closing.add_done_callback(_CLOSING.discard)
+        else:
+            await upstream.close()
+    if outcome.client_gone:
+        return resp, outcome
+    if saw_error and outcome.failure is None:
+        outcome.failure = failures.UpstreamFailure(failures.Kind.BROKEN_STREAM, backend, "the stream ended in an error")
+    if not saw_end and not saw_error:
+        if outcome.failure is None:
+            outcome.failure = failures.UpstreamFailure(
+                failures.Kind.BROKEN_STREAM, backend, f"the stream ended without its {protocol.name} end event")
+        try:
+            await resp.write(protocol.stream_error(_in_words(backend, outcome.failure)))
+        except (ConnectionResetError, ConnectionError):
+            outcome.client_gone = True
+            return resp, outcome
+    outcome.usage = upstream.usage or (
+        {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage} or None)
+    if outcome.usage is None:  # the upstream sent none: count what we relayed
+        outcome.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": deltas,
+                         "total_tokens": prompt_tokens + deltas}
+    if client_left:
+        return resp, outcome
+    try:
+        await resp.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        outcome.client_gone = not saw_end
+    except asyncio.CancelledError:
+        if not saw_end:
+            raise
+        _delivered()
+    return resp, outcome
+
+
+def _delivered() -> None:
+    """The client hung up after the end event (Codex does, the moment it reads response.completed)
+    and aiohttp cancelled the handler: the answer was delivered whole, so it is recorded as such."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _usage_by(usage_of: Callable[[dict[str, Any]], dict[str, Any] | None], body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return usage_of(data) if isinstance(data, dict) else None
+
+
 def _in_words(backend: str, f: failures.UpstreamFailure) -> str:
     """What a person reading the chat should see, not an exception class name."""
     if f.kind is failures.Kind.CRASH:
@@ -167,7 +277,7 @@ def _without_usage_event(chunk: bytes) -> bytes:
 
 def _error_line(chunk: bytes) -> bytes:
     for line in chunk.split(b"\n"):
-        if line.startswith(b"data:") and _ERROR in line:
+        if line.startswith(b"data:") and (_ERROR in line or b'"error"' in line):
             return line[5:].strip()
     return chunk
 

@@ -76,7 +76,7 @@ class Router:
         return self.classifier.classify(req, policy)
 
     async def decide(self, req: ChatRequest, profile: RequestProfile, policy: Policy) -> Route:
-        return await self.decider.decide(req.body, req.headers, profile, policy)
+        return await self.decider.decide(req.chat, req.headers, profile, policy)
 
     def add_member(self, tier: str, name: str, cfg: Any) -> Backend:
         """A member found after start (`models: discover`): a backend like the configured ones."""

@@ -1,6 +1,7 @@
 """A fake hosted LLM provider (OpenAI-shaped) for tests and manual runs.
 
-Speaks ``POST /v1/chat/completions``, ``POST /v1/responses`` (stream and non-stream) and
+Speaks ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST /v1/messages`` (Anthropic's
+event format; stream and non-stream) and
 ``GET /v1/models``.  Behaviour is scripted per request::
 
     fake = await start_fake_hosted()
@@ -226,6 +227,7 @@ class FakeHosted:
         for prefix in ("/v1", ""):
             self.app.router.add_post(f"{prefix}/chat/completions", self._chat)
             self.app.router.add_post(f"{prefix}/responses", self._responses)
+            self.app.router.add_post(f"{prefix}/messages", self._messages)
         self.app.on_shutdown.append(self._on_shutdown)
 
     # -- public API ---------------------------------------------------------------------------------
@@ -330,6 +332,9 @@ class FakeHosted:
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, self._responses_events, self._responses_body)
 
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self._messages_events, self._messages_body)
+
     async def _serve(
         self,
         request: web.Request,
@@ -345,7 +350,11 @@ class FakeHosted:
             if reply.first_byte_delay:
                 await self._sleep(request, rec, reply.first_byte_delay)
             if reply.kind == "error":
-                return web.json_response(reply.body, status=reply.status, headers=reply.headers)
+                err = reply.body
+                if request.path.endswith("/messages") and isinstance(err, dict):  # Anthropic's error shape
+                    err = {"type": "error", "error": {"type": (err.get("error") or {}).get("type", "api_error"),
+                                                      "message": (err.get("error") or {}).get("message", "")}}
+                return web.json_response(err, status=reply.status, headers=reply.headers)
             text = reply.text if reply.text is not None else answer_for(body)
             pieces = split_text(text, reply.chunks or self.chunks)
             delay = self.chunk_delay if reply.chunk_delay is None else reply.chunk_delay
@@ -455,6 +464,37 @@ class FakeHosted:
             events.append((None, {**base, "choices": [], "usage": self._usage(body, text)}))
         events.append((None, "[DONE]"))
         return events
+
+    # -- anthropic messages ---------------------------------------------------------------------------
+    def _messages_usage(self, body: JSON, text: str) -> JSON:
+        u = self._usage(body, text)
+        return {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
+                "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+
+    def _messages_body(self, body: JSON, text: str) -> JSON:
+        return {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+                "model": body.get("model", "claude-haiku-4-5"), "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn", "stop_sequence": None, "usage": self._messages_usage(body, text)}
+
+    def _messages_events(self, body: JSON, text: str, pieces: list[str]) -> list[Event]:
+        """Anthropic's stream: message_start (input usage), one text block, message_delta (output usage)."""
+        usage = self._messages_usage(body, text)
+        start = {**self._messages_body(body, ""), "content": [], "stop_reason": None,
+                 "usage": {**usage, "output_tokens": 1}}
+        raw: list[JSON] = [
+            {"type": "message_start", "message": start},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "ping"},
+        ]
+        raw += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p},
+                 "_content": True} for p in pieces]
+        raw += [
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "usage": {"output_tokens": usage["output_tokens"]}},
+            {"type": "message_stop"},
+        ]
+        return [(ev["type"], ev) for ev in raw]
 
     # -- responses API ------------------------------------------------------------------------------
     def _response_obj(self, body: JSON, resp_id: str, status: str, output: list[JSON], usage: JSON | None) -> JSON:

@@ -26,6 +26,7 @@ import aiohttp
 from .. import catalog, failures, tokens
 from ..config import LiteLLMBackend as LiteLLMConfig
 from .base import Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
+from .hosted_protocols import open_protocol
 from .litellm_wire import ProviderWire, WireRequest
 from .responses_sse import ResponsesToChat, response_to_completion
 from .speed import Speeds
@@ -120,7 +121,9 @@ class HostedBackend:
         return extra
 
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
-                   raw: bytes | None = None) -> Upstream:
+                   raw: bytes | None = None, protocol: str = "chat") -> Upstream:
+        if protocol != "chat":  # Messages / Responses: litellm's adapters, in hosted_protocols.py
+            return await open_protocol(self, body, headers, stream, protocol)
         extra = self._extra_headers(headers)
         try:
             req = self.wire.build(body, extra, stream)

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,7 @@ from .. import failures
 from ..ceiling import CrashCeilings
 from ..config import LlamaCppBackend as LlamaCppConfig
 from ..loopwatch import watch as loopwatch
+from ..protocols import PROTOCOLS
 from .assemble import assemble, sse_objects
 from .base import AnswerStats, Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
 from .llamastream import ROUTER_ERROR, Watchdog, closer, guarded, noop
@@ -34,6 +36,7 @@ from .prefix import Plan, SlotCache
 from .speed import Speeds
 
 _JSON = {"Content-Type": "application/json"}
+CHAT_PATH = "/v1/chat/completions"
 log = logging.getLogger("switchyard")
 
 
@@ -81,10 +84,10 @@ class LlamaCppBackend:
             self._fresh = self._new_session(force_close=True)
         return self._fresh
 
-    async def _post(self, data: bytes) -> aiohttp.ClientResponse:
+    async def _post(self, data: bytes, path: str = "/v1/chat/completions") -> aiohttp.ClientResponse:
         began = asyncio.get_running_loop().time()
         try:
-            return await self._send(data)
+            return await self._send_to(data, path)
         except aiohttp.ConnectionTimeoutError:
             stalled = loopwatch.stalled_since(began)
             if stalled < self.config.timeouts.connect / 2:
@@ -92,13 +95,20 @@ class LlamaCppBackend:
             # Our own loop was stalled: the connect may have completed long ago unseen. Not the server's fault.
             log.warning("connect to %s timed out while the gateway's event loop was stalled %.1fs: retrying once",
                         self.name, stalled)
-            return await self._send(data)
+            return await self._send_to(data, path)
 
-    async def _send(self, data: bytes) -> aiohttp.ClientResponse:
-        if self._chat_url is None or self._chat_base != self.url:  # parsed once, not per request
-            self._chat_base = self.url
-            self._chat_url = yarl.URL(f"{self.url}/v1/chat/completions")
-        url = self._chat_url
+    async def _send_to(self, data: bytes, path: str) -> aiohttp.ClientResponse:
+        # Chat keeps calling `_send(data)` as before (tests wrap it); other protocols name their path.
+        return await (self._send(data) if path == CHAT_PATH else self._send(data, path))
+
+    async def _send(self, data: bytes, path: str = "/v1/chat/completions") -> aiohttp.ClientResponse:
+        if path != CHAT_PATH:
+            url: Any = f"{self.url}{path}"
+        else:
+            if self._chat_url is None or self._chat_base != self.url:  # parsed once, not per request
+                self._chat_base = self.url
+                self._chat_url = yarl.URL(f"{self.url}{CHAT_PATH}")
+            url = self._chat_url
         if not self.config.keep_alive:
             return await self.session.post(url, data=data, headers=_JSON)
         try:
@@ -127,11 +137,16 @@ class LlamaCppBackend:
         self.url = url.rstrip("/")
 
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
-                   raw: bytes | None = None) -> Upstream:
-        plan = self.cache.plan(body, headers.get("x-session-id"))
-        if plan.pin:  # several slots: the one holding this prefix, or one no hot conversation owns
+                   raw: bytes | None = None, protocol: str = "chat") -> Upstream:
+        # llama-server serves Messages and Responses natively: their bytes go through to their path.
+        native = protocol != "chat"
+        path = PROTOCOLS[protocol].path
+        plan = None if native else self.cache.plan(body, headers.get("x-session-id"))
+        if plan is not None and plan.pin:  # several slots: the one holding this prefix, or one no hot one owns
             body, raw = {**body, "id_slot": plan.slot}, None
-        if stream:
+        if stream or native:
+            # A native non-streamed answer is relayed whole (no assembler for those event formats):
+            # llama.cpp cannot cancel it on hang-up, a cost only non-streaming callers pay.
             data = raw if raw is not None else json.dumps(body).encode()
         else:
             # llama.cpp cannot cancel a non-streamed generation when we hang up (llama.cpp #9273): ask
@@ -142,19 +157,23 @@ class LlamaCppBackend:
         began = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(t.first_byte):
-                resp = await self._post(data)
+                resp = await self._post(data, path)
                 try:
                     if resp.status != 200:
                         raw = await resp.read()
                         raise failures.from_status(self.name, resp.status, resp.headers, raw)
                     if cold:  # the router answers once the child is up: this wait was the load
                         self.model_state, self.load_seconds = "loaded", asyncio.get_running_loop().time() - began
+                    if not stream and native:
+                        whole = await resp.read()
+                        resp.close()
+                        return Upstream(200, whole, empty_rest(), noop)
                     if not stream:
                         upstream = await self._assembled(resp)
                         upstream.settle = functools.partial(self._settled, plan)
                         return upstream
                     chunks = resp.content.iter_any()
-                    first = await anext(chunks, b"")
+                    first = await _first_data(chunks)
                     if not first:
                         raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "stream closed before any data")
                     if first.startswith(ROUTER_ERROR):
@@ -382,6 +401,19 @@ class LlamaCppBackend:
         for s in (self._session, self._fresh):
             if s is not None:
                 await s.close()
+
+
+async def _first_data(chunks: AsyncIterator[bytes]) -> bytes:
+    """The first chunk that carries an event, with any SSE comments before it kept in front.
+    llama-server (b11434) sends a `:` comment line as soon as it accepts a stream, before the
+    prefill: that is not the answer's first byte, and a crash during the prefill must still be able
+    to fail over unseen."""
+    held = b""
+    async for chunk in chunks:
+        held += chunk
+        if any(line and not line.startswith(b":") for line in held.split(b"\n")):
+            return held
+    return held if held.strip(b": \n") else b""
 
 
 async def router_models(url: str, timeout: float = 5.0) -> list[str] | None:
