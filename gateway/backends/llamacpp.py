@@ -18,7 +18,6 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -31,7 +30,7 @@ from ..loopwatch import watch as loopwatch
 from ..protocols import PROTOCOLS
 from .assemble import assemble, sse_objects
 from .base import AnswerStats, Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
-from .llamastream import ROUTER_ERROR, Watchdog, closer, guarded, noop
+from .llamastream import ROUTER_ERROR, Watchdog, closer, first_data, guarded, noop
 from .prefix import Plan, SlotCache
 from .speed import Speeds
 
@@ -173,7 +172,7 @@ class LlamaCppBackend:
                         upstream.settle = functools.partial(self._settled, plan)
                         return upstream
                     chunks = resp.content.iter_any()
-                    first = await _first_data(chunks)
+                    first = await first_data(chunks)
                     if not first:
                         raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "stream closed before any data")
                     if first.startswith(ROUTER_ERROR):
@@ -401,19 +400,6 @@ class LlamaCppBackend:
         for s in (self._session, self._fresh):
             if s is not None:
                 await s.close()
-
-
-async def _first_data(chunks: AsyncIterator[bytes]) -> bytes:
-    """The first chunk that carries an event, with any SSE comments before it kept in front.
-    llama-server (b11434) sends a `:` comment line as soon as it accepts a stream, before the
-    prefill: that is not the answer's first byte, and a crash during the prefill must still be able
-    to fail over unseen."""
-    held = b""
-    async for chunk in chunks:
-        held += chunk
-        if any(line and not line.startswith(b":") for line in held.split(b"\n")):
-            return held
-    return held if held.strip(b": \n") else b""
 
 
 async def router_models(url: str, timeout: float = 5.0) -> list[str] | None:

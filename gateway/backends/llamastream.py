@@ -85,3 +85,16 @@ async def guarded(name: str, chunks: AsyncIterator[bytes], dog: Watchdog) -> Asy
         raise failures.from_exception(name, e) from e
     finally:
         dog.cancel()
+
+
+async def first_data(chunks: AsyncIterator[bytes]) -> bytes:
+    """The first chunk that carries an event, with any SSE comments before it kept in front.
+    llama-server (b11434) sends a `:` comment line as soon as it accepts a stream, before the
+    prefill: that is not the answer's first byte, and a crash during the prefill must still be able
+    to fail over unseen."""
+    held = b""
+    async for chunk in chunks:
+        held += chunk
+        if any(line and not line.startswith(b":") for line in held.split(b"\n")):
+            return held
+    return held if held.strip(b": \n") else b""
