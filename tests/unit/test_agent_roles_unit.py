@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import cli
 from gateway.config import load_settings
+from gateway.explain import explain as explain_request
 from tests.conftest import config_for, write_config
 
 BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.328.593; cc_entrypoint=sdk-cli;"}
@@ -97,7 +97,8 @@ def settings(tmp_path: Path) -> Any:
 
 
 async def explain(settings: Any, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
-    return await cli._explain(settings, json.dumps(body).encode(), CIMultiDictProxy(CIMultiDict(headers)), live=False)
+    return await explain_request(settings, json.dumps(body).encode(), CIMultiDictProxy(CIMultiDict(headers)),
+                                 live=False)
 
 
 @pytest.mark.parametrize(("name", "role", "body", "headers", "client"), CASES, ids=[c[0] for c in CASES])

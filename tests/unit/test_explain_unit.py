@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from gateway import cli
+from gateway.explain import explain
 from tests.conftest import config_for, write_config
 
 
@@ -36,10 +37,10 @@ async def test_explain_live_takes_hosted_readiness_from_the_running_gateway(
     compaction = {"model": "auto", "messages": [
         {"role": "system", "content": "You are a context summarization agent."},
         {"role": "user", "content": "Here is the conversation so far:\n\n<conversation>hi</conversation>"}]}
-    out = await cli._explain(gw.runtime.settings, json.dumps(compaction).encode(), CIMultiDictProxy(CIMultiDict()),
+    out = await explain(gw.runtime.settings, json.dumps(compaction).encode(), CIMultiDictProxy(CIMultiDict()),
                              live=True, gateway_url=str(gw.client.make_url("")))
     assert [s["backend"] for s in out["route"]] == ["hosted", "local"], out["reason"]
-    offline = await cli._explain(gw.runtime.settings, json.dumps(compaction).encode(),
+    offline = await explain(gw.runtime.settings, json.dumps(compaction).encode(),
                                  CIMultiDictProxy(CIMultiDict()), live=False)
     assert [s["backend"] for s in offline["route"]] == ["local"]  # judged from this shell alone
 
