@@ -45,7 +45,7 @@ def _event_bytes(item: Any) -> bytes:
 
 async def open_protocol(backend: HostedBackend, body: dict[str, Any], headers: dict[str, str], stream: bool,
                         protocol: str) -> Upstream:
-    from .hosted import _closer, _noop, load_litellm
+    from .hosted import _litellm_closer, _noop, load_litellm
 
     litellm = load_litellm()
     cfg = backend.config
@@ -73,4 +73,4 @@ async def open_protocol(backend: HostedBackend, body: dict[str, Any], headers: d
         except Exception as e:
             raise backend._failure(e) from e
 
-    return Upstream(200, _event_bytes(first), relay(), _closer(response))
+    return Upstream(200, _event_bytes(first), relay(), _litellm_closer(response))

@@ -195,11 +195,13 @@ class LlamaCppBackend:
         return Upstream(200, first, guarded(self.name, chunks, Watchdog(resp, t.idle, t.total)), closer(resp),
                         settle=functools.partial(self._settled, plan))
 
-    def _settled(self, plan: Plan, stats: AnswerStats) -> None:
-        """Learn from an answer: what the slot now holds, how good the prediction was, the rates."""
+    def _settled(self, plan: Plan | None, stats: AnswerStats) -> None:
+        """Learn from an answer: what the slot now holds, how good the prediction was, the rates.
+        (`plan` is None for a native Messages/Responses request: its prompt is not fingerprinted.)"""
         if not stats.ok:
             return
-        self.cache.settled(plan, stats.usage, stats.timings)
+        if plan is not None:
+            self.cache.settled(plan, stats.usage, stats.timings)
         timings = stats.timings or {}
         prompt_n, prompt_ms = timings.get("prompt_n"), timings.get("prompt_ms")
         if isinstance(prompt_n, int) and isinstance(prompt_ms, (int, float)):
