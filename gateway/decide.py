@@ -70,7 +70,7 @@ def first_rule(policy: Policy, profile: RequestProfile, headers: Mapping[str, st
     raise AssertionError("policy validation guarantees a default rule")  # pragma: no cover
 
 
-MEMBER_SWITCH_SAVING = 1.0  # seconds a member must be predicted faster by to lead its tier
+MEMBER_SWITCH_TOKENS = 512  # cached tokens a member must hold beyond the first's to lead its tier
 
 
 class SessionPins:
@@ -144,20 +144,28 @@ class Decider:
             names.extend(ranked)
         return names, why
 
-    def _warmest_member_first(self, steps: list[Step], notes: list[str]) -> list[Step]:
-        """Within a tier, the member predicted to answer first (its slot holds the session's prefix,
-        its queue is short) leads, once every member has a prediction; else least-loaded stands."""
+    def _warmest_member_first(self, steps: list[Step], estimates: Mapping[str, Estimate],
+                              notes: list[str]) -> list[Step]:
+        """Within a tier, the member whose slot holds most of this prompt leads — by a clear margin
+        (MEMBER_SWITCH_TOKENS) and with no longer a queue. Cached tokens, not predicted seconds: members
+        of a tier are usually the same model on the same kind of hardware, and rates learned from a
+        few answers differ by noise, while a warm prefix is a real saving."""
         out = list(steps)
+
+        def parts(step: Step) -> tuple[int, int]:
+            p = estimates[step.backend].parts if step.backend in estimates else {}
+            return int(p.get("cached_tokens") or 0), int(p.get("queued") or 0)
+
         for tier in {self.tier_of.get(s.backend) for s in steps} - {None}:
             idx = [i for i, s in enumerate(out) if self.tier_of.get(s.backend) == tier]
             group = [out[i] for i in idx]
-            if len(group) < 2 or any(s.predicted is None for s in group):
+            if len(group) < 2:
                 continue
-            best = min(group, key=lambda s: s.predicted or 0.0)
-            # Predictions are noisy: only a clear gain (a warm prefix, a long queue elsewhere) reorders.
-            if best is group[0] or (group[0].predicted or 0.0) - (best.predicted or 0.0) < MEMBER_SWITCH_SAVING:
+            best = max(group, key=lambda s: parts(s)[0])
+            (cached, queued), (first_cached, first_queued) = parts(best), parts(group[0])
+            if best is group[0] or cached - first_cached < MEMBER_SWITCH_TOKENS or queued > first_queued:
                 continue
-            notes.append(f"{tier}: {best.backend} predicted first ({best.predicted:.1f}s vs {group[0].predicted:.1f}s)")
+            notes.append(f"{tier}: {best.backend} holds {cached:,} cached tokens of this prompt")
             for i, s in zip(idx, [best, *(g for g in group if g is not best)], strict=True):
                 out[i] = s
         return out
@@ -235,7 +243,7 @@ class Decider:
         tokens = best.tokens if best else profile.tokens_in
         method = best.method if best else "bytes"
         notes = too_big + unavailable
-        steps = self._warmest_member_first(steps, notes)
+        steps = self._warmest_member_first(steps, estimates, notes)
         if preemptible:
             steps = _spare_warm_caches(self.backends, steps, query, notes)
         if rule.prefer == "fastest":

@@ -100,6 +100,7 @@ class ScriptedBackend:
     closed: int = 0  # upstreams closed (client gone, end, failover)
     learned: list[tuple[str, int]] = field(default_factory=list)
     predicted: float | None = None  # what estimate() answers (seconds to first byte)
+    cached: int = 0  # cached tokens estimate() reports for any prompt
     evicting: str | None = None  # what evicts() answers
 
     @property
@@ -119,7 +120,7 @@ class ScriptedBackend:
         self.learned.append((str(failure.kind), tokens_in))
 
     def estimate(self, q: FitQuery, queued: int) -> Estimate:
-        return Estimate(self.predicted, {"queued": queued})
+        return Estimate(self.predicted, {"queued": queued, "cached_tokens": self.cached})
 
     def evicts(self, q: FitQuery) -> str | None:
         return self.evicting

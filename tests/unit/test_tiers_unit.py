@@ -237,14 +237,14 @@ def test_explain_names_the_member_that_would_take_the_request_and_why(
     assert "local: local@gpu0 first (local@gpu0 closed, local@gpu1 closed)" in out["reason"]
 
 
-async def test_the_member_predicted_to_answer_first_leads_once_all_are_known(tiered: Any) -> None:
+async def test_the_member_holding_the_prompts_prefix_leads(tiered: Any) -> None:
     gw = await tiered()
     gpu0, gpu1 = gw.runtime.backends["local@gpu0"], gw.runtime.backends["local@gpu1"]
-    gpu0.predicted, gpu1.predicted = 4.0, None  # type: ignore[attr-defined]
-    assert [s.backend for s in (await route_of(gw)).steps][:2] == ["local@gpu0", "local@gpu1"]  # not all known
-    gpu1.predicted = 3.5  # type: ignore[attr-defined]  # faster, but not by a clear second
+    gpu0.predicted, gpu1.predicted = 9.0, 0.5  # type: ignore[attr-defined]  # noisy rates alone move nothing
     assert [s.backend for s in (await route_of(gw)).steps][:2] == ["local@gpu0", "local@gpu1"]
-    gpu1.predicted = 0.5  # type: ignore[attr-defined]  # e.g. its slot holds the session's prefix
+    gpu1.cached = 300  # type: ignore[attr-defined]  # too little to matter
+    assert [s.backend for s in (await route_of(gw)).steps][:2] == ["local@gpu0", "local@gpu1"]
+    gpu1.cached = 2300  # type: ignore[attr-defined]  # its slot holds the session's prefix
     route = await route_of(gw)
     assert [s.backend for s in route.steps][:2] == ["local@gpu1", "local@gpu0"]
-    assert "local: local@gpu1 predicted first (0.5s vs 4.0s)" in route.reason
+    assert "local: local@gpu1 holds 2,300 cached tokens of this prompt" in route.reason
