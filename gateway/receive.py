@@ -78,6 +78,22 @@ async def receive(request: web.Request, body_limit: int, *, body_timeout: float 
     return (parse or parse_chat)(raw, request.headers)
 
 
+def scalar_fields(body: dict[str, Any], max_name: str, max_tokens: Any,
+                  max_required: bool = False) -> tuple[str, bool, int | None]:
+    """`model`, `stream` and the answer's token cap, checked alike in every inbound protocol."""
+    model = body.get("model", "auto")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string", code="invalid_model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean")
+    if (max_tokens is None and max_required) or (max_tokens is not None and (
+            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1)):
+        raise InvalidRequest(f"'{max_name}' must be a positive integer"
+                             + (" (it is required)" if max_required else ""))
+    return model, stream, max_tokens
+
+
 def _describe(e: BaseException) -> str:
     text = getattr(e, "message", None) or str(e) or type(e).__name__
     return str(text).splitlines()[0][:200]
@@ -107,16 +123,8 @@ def parse_chat(raw: bytes, headers: CIMultiDictProxy[str]) -> ChatRequest:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidRequest(f"messages[{i}] must be an object with a string 'role'", code="invalid_messages")
-    model = body.get("model", "auto")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' must be a non-empty string", code="invalid_model")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
-                                   or max_tokens < 1):
-        raise InvalidRequest("'max_tokens' must be a positive integer")
+    model, stream, max_tokens = scalar_fields(body, "max_tokens", body.get("max_completion_tokens",
+                                                                         body.get("max_tokens")))
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("'tools' must be an array")

@@ -39,7 +39,7 @@ class MessagesProtocol(Protocol):
     delta_mark = b'"content_block_delta"'
 
     def parse(self, raw: bytes, headers: CIMultiDictProxy[str]) -> ChatRequest:
-        from ..receive import ChatRequest
+        from ..receive import ChatRequest, scalar_fields
 
         body = load_json_object(raw, "Anthropic Messages", InvalidRequest)
         messages = body.get("messages")
@@ -53,15 +53,7 @@ class MessagesProtocol(Protocol):
                                      code="invalid_messages")
             if not isinstance(m.get("content"), (str, list)):
                 raise InvalidRequest(f"messages.{i}.content: must be a string or an array", code="invalid_messages")
-        model = body.get("model", "auto")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("model: must be a non-empty string", code="invalid_model")
-        max_tokens = body.get("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise InvalidRequest("max_tokens: field required and must be a positive integer")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("stream: must be a boolean")
+        model, stream, max_tokens = scalar_fields(body, "max_tokens", body.get("max_tokens"), max_required=True)
         if body.get("system") is not None and not isinstance(body["system"], (str, list)):
             raise InvalidRequest("system: must be a string or an array of text blocks")
         if body.get("tools") is not None and not isinstance(body["tools"], list):

@@ -31,7 +31,7 @@ class ResponsesProtocol(Protocol):
     delta_mark = b'"response.output_text.delta"'
 
     def parse(self, raw: bytes, headers: CIMultiDictProxy[str]) -> ChatRequest:
-        from ..receive import ChatRequest
+        from ..receive import ChatRequest, scalar_fields
 
         body = load_json_object(raw, "Responses", InvalidRequest)
         items = body.get("input")
@@ -39,16 +39,7 @@ class ResponsesProtocol(Protocol):
             raise InvalidRequest("'input' is required: a string or a non-empty array of items", code="invalid_input")
         if isinstance(items, list) and not all(isinstance(i, dict) for i in items):
             raise InvalidRequest("every item of 'input' must be an object", code="invalid_input")
-        model = body.get("model", "auto")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("'model' must be a non-empty string", code="invalid_model")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("'stream' must be a boolean")
-        max_tokens = body.get("max_output_tokens")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
-                                       or max_tokens < 1):
-            raise InvalidRequest("'max_output_tokens' must be a positive integer")
+        model, stream, max_tokens = scalar_fields(body, "max_output_tokens", body.get("max_output_tokens"))
         if body.get("instructions") is not None and not isinstance(body["instructions"], str):
             raise InvalidRequest("'instructions' must be a string")
         if body.get("tools") is not None and not isinstance(body["tools"], list):
