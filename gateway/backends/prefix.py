@@ -116,11 +116,23 @@ class SlotCache:
     def __init__(self, hot_for: float) -> None:
         self.hot_for = hot_for
         self.memory = SlotMemory()
+        # decide (estimate, evicts) and open fingerprint the same request: hash it once. The body may
+        # be a shallow copy by then (model id, clamp), but its messages list is the same object.
+        self._last: tuple[Any, Any, Prefix] | None = None
         self.cached_tokens = 0  # served from cache, summed (for the hit ratio)
         self.prompt_tokens = 0
 
-    def plan(self, body: dict[str, Any], session: str | None) -> Plan:
+    def _fingerprint(self, body: dict[str, Any]) -> Prefix:
+        messages, tools = body.get("messages"), body.get("tools")
+        last = self._last
+        if last is not None and last[0] is messages and last[1] is tools:
+            return last[2]
         prefix = fingerprint(body)
+        self._last = (messages, tools, prefix)
+        return prefix
+
+    def plan(self, body: dict[str, Any], session: str | None) -> Plan:
+        prefix = self._fingerprint(body)
         slot, cached = self.memory.predict(prefix)
         if self.memory.slots > 1 and cached == 0:
             # a new conversation or a background task: a slot no hot conversation owns
