@@ -114,8 +114,6 @@ class Decider:
         # `explain --live`: why each backend is unusable as the *running gateway* sees it (None: usable),
         # instead of judging from this process's own environment.
         self.live_unusable: dict[str, str | None] = {}
-        # how many requests are on or waiting for each backend (the runtime's queues; 0 without one)
-        self.queued: Callable[[str], int] = lambda name: 0
 
     def model_ids(self, policy: Policy) -> list[str]:
         return ["auto", *self.tiers, *self.backends, *policy.task_models]
@@ -237,7 +235,7 @@ class Decider:
                 # never pin a session on an estimate (made when the server could not count, e.g. down)
                 outgrown = outgrown or (backend.free and fit.method != "estimate")
                 continue
-            estimate = backend.estimate(query, self.queued(name))
+            estimate = backend.estimate(query, self.load(name)[0])
             estimates[name] = estimate
             steps.append(Step(name, queue_wait, backend.free, estimate.seconds))
         tokens = best.tokens if best else profile.tokens_in

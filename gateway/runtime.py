@@ -84,7 +84,6 @@ class Runtime:
         ledger = Ledger(ledger_path(gw.data_dir, gw.ledger_path))
         admission = Admission(ledger.spent_this_month(month_start()))
         dispatcher = Dispatcher(router.backends, router.breakers, queues, limiters, router.speeds)
-        router.decider.queued = lambda name: (queues[name].busy + queues[name].waiting) if name in queues else 0
         return cls(settings, router, queues, limiters, dispatcher, Recorder(), ledger, admission)
 
     def __post_init__(self) -> None:
