@@ -118,6 +118,10 @@ class LlamaCppBackend(BackendBase):
     hot_for: float = Field(
         300.0, ge=0, description="seconds a conversation counts as hot on its slot: a background task will not "
         "evict its cached prefix while another backend can take the task")
+    slot_affinity: bool = Field(
+        True, description="with several slots (-np N), send each request to the slot holding its prefix "
+        "(llama.cpp's id_slot) and background tasks to one no hot conversation owns; false leaves the choice "
+        "to llama.cpp (its own prompt-similarity pick)")
     keep_alive: bool = Field(
         False, description="reuse upstream connections (a proxy in front of llama.cpp); llama-server itself "
         "answers `Connection: close`, so the default opens a fresh connection per request")

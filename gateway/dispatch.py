@@ -64,6 +64,7 @@ class Walk:
 
     def headers(self, step: Step) -> dict[str, str]:
         h = {
+            "x-switchyard-request-id": self.decision.id,  # the ledger row's id: find this answer in it
             "x-switchyard-backend": step.backend,
             "x-switchyard-role": self.decision.role,
             "x-switchyard-tokens-in": str(self.route.tokens_in),

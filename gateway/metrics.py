@@ -77,8 +77,9 @@ class Metrics:
             if d.cached_tokens is not None:
                 self.cached.labels(backend, d.role or "unknown").inc(d.cached_tokens)
                 self.prompt.labels(backend, d.role or "unknown").inc(d.prompt_tokens or d.tokens_in)
-            if d.predicted_ttft_ms and d.first_byte_ms > d.queue_wait_ms and d.outcome == "ok":
-                actual = d.first_byte_ms - d.queue_wait_ms
+            if d.predicted_ttft_ms and d.first_byte_ms > 0 and d.outcome == "ok" and not d.failover:
+                # The prediction includes the queue ahead, so the wait is part of what it is checked against.
+                actual = d.first_byte_ms
                 self.ttft_error.labels(backend).observe(abs(d.predicted_ttft_ms - actual) / actual)
         for event in d.failover:
             self.failovers.labels(d.team, event.metric_kind).inc()

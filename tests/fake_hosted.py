@@ -216,6 +216,7 @@ class FakeHosted:
         self.chunk_delay = chunk_delay
         self.models = list(models)
         self.requests: list[RecordedRequest] = []
+        self.default = Reply.ok()  # the answer once the script is used up (benchmarks: a provider's real latency)
         self.disconnects = 0
         self._queue: deque[Reply] = deque()
         self._closing = asyncio.Event()
@@ -300,7 +301,7 @@ class FakeHosted:
         header = request.headers.get("x-fake-behaviour")
         if header:
             return parse_behaviour(header)
-        return self._queue.popleft() if self._queue else Reply.ok()
+        return self._queue.popleft() if self._queue else self.default
 
     def _gone(self, rec: RecordedRequest) -> None:
         if not rec.disconnected:

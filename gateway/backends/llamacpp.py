@@ -49,7 +49,7 @@ class LlamaCppBackend:
         self.config = config
         self.ceilings = ceilings
         self.speeds = speeds or Speeds()
-        self.cache = SlotCache(config.hot_for)
+        self.cache = SlotCache(config.hot_for, pin=config.slot_affinity)
         self.url = config.url
         self.live_n_ctx: int | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -218,6 +218,9 @@ class LlamaCppBackend:
         queue_s = queued * (self.speeds.service or 0.0)
         parts: dict[str, Any] = {"queued": queued, "queue_s": round(queue_s, 3), "cached_tokens": cached,
                                  "uncached_tokens": uncached, "prefill_tok_s": round(rate, 1) if rate else None}
+        if self.model_state == "unloaded" and self.load_seconds:  # router mode: this request loads the model
+            queue_s += self.load_seconds
+            parts["load_s"] = round(self.load_seconds, 3)
         return Estimate(queue_s + uncached / rate if rate else None, parts)
 
     def evicts(self, q: FitQuery) -> str | None:

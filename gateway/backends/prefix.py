@@ -113,8 +113,9 @@ class SlotCache:
     time a miss costs (uncached tokens / learned prefill rate), and whether a request would evict a
     conversation that is still being used (`hot_for`)."""
 
-    def __init__(self, hot_for: float) -> None:
+    def __init__(self, hot_for: float, pin: bool = True) -> None:
         self.hot_for = hot_for
+        self.pin = pin  # send id_slot when the server has several slots (config `slot_affinity`)
         self.memory = SlotMemory()
         # decide (estimate, evicts) and open fingerprint the same request: hash it once. The body may
         # be a shallow copy by then (model id, clamp), but its messages list is the same object.
@@ -139,7 +140,7 @@ class SlotCache:
             slot = self.memory.coldest(self.hot_for)
             if slot is None:  # all hot: the least recently used one
                 slot = min(self.memory.held.items(), key=lambda kv: kv[1].at)[0]
-        return Plan(slot, prefix, cached, session, self.memory.slots > 1)
+        return Plan(slot, prefix, cached, session, self.pin and self.memory.slots > 1)
 
     def evicts(self, body: dict[str, Any], session: str | None) -> str | None:
         """Why serving this request now would throw away a warm conversation's prefix, or None."""

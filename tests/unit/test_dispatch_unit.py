@@ -217,3 +217,9 @@ async def test_a_stream_whose_upstream_sends_no_usage_is_still_counted(scripted:
     events = await sse_events(await gw.chat(chat(stream=True)))
     assert not any(isinstance(e, dict) and "usage" in e for e in events)
     assert gw.last.tokens_out == 3
+
+
+async def test_every_answer_names_its_ledger_row(scripted: ScriptedFactory) -> None:
+    gw = await scripted()
+    resp = await gw.chat(chat())
+    assert resp.headers["x-switchyard-request-id"] == gw.last.id

@@ -1,0 +1,54 @@
+"""The slot memory and the local prediction's parts, without a server (issue 11)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from gateway.backends.base import FitQuery
+from gateway.backends.llamacpp import LlamaCppBackend
+from gateway.backends.prefix import SlotCache
+from gateway.config import LlamaCppBackend as LlamaCppConfig
+from gateway.metrics import Metrics
+from gateway.record import Decision
+from gateway.tokens import size_of
+
+
+def body(*texts: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": t} for t in texts]}
+
+
+def test_several_slots_pin_by_default_and_not_when_affinity_is_off() -> None:
+    for pin, expected in ((True, True), (False, False)):
+        cache = SlotCache(hot_for=300, pin=pin)
+        cache.memory.slots = 2
+        assert cache.plan(body("hello"), "s1").pin is expected
+    one = SlotCache(hot_for=300)
+    assert one.plan(body("hello"), "s1").pin is False  # one slot: nothing to choose
+
+
+def test_config_slot_affinity_reaches_the_slot_cache() -> None:
+    backend = LlamaCppBackend("local", LlamaCppConfig(kind="llamacpp", url="http://127.0.0.1:1", slot_affinity=False))
+    assert backend.cache.pin is False
+
+
+def test_a_router_model_that_must_load_first_adds_its_learned_load_time() -> None:
+    backend = LlamaCppBackend("local/m", LlamaCppConfig(kind="llamacpp", url="http://127.0.0.1:1"))
+    backend.speeds.observe_prefill(1000, 1.0)
+    b = body("x" * 4000)
+    q = FitQuery(b, size_of(b"x" * 4000, b), 0)
+    loaded = backend.estimate(q, 0).seconds
+    backend.model_state, backend.load_seconds = "unloaded", 6.0
+    cold = backend.estimate(q, 0)
+    assert loaded is not None and cold.seconds == loaded + 6.0 and cold.parts["load_s"] == 6.0
+
+
+def test_prediction_error_is_measured_against_the_first_byte_including_the_queue() -> None:
+    m = Metrics()
+    # predicted 2 s of which 1.5 s queue; it waited 1.5 s and the first byte came at 2 s: a perfect prediction
+    m.observe(Decision(id="r1", team="t", backend="local", outcome="ok", predicted_ttft_ms=2000,
+                       queue_wait_ms=1500, first_byte_ms=2000))
+    bucket = 'switchyard_ttft_prediction_error_ratio_bucket{backend="local",le="0.05"}'
+    lines = generate_latest(m.registry).decode().splitlines()
+    assert next(x for x in lines if x.startswith(bucket)).endswith(" 1.0")
