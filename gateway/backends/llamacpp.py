@@ -211,17 +211,24 @@ class LlamaCppBackend:
 
     def estimate(self, q: FitQuery, queued: int) -> Estimate:
         """Queue ahead (learned service time each) + uncached tokens at the learned prefill rate."""
-        tokens = q.size.estimate
-        cached = self.cache.plan(q.body, q.session).predicted_cached
+        learned = self.cache.tokens_of(q.body)  # this server's bytes per token, once it has answered
+        tokens = learned or q.size.estimate
+        cached = min(tokens, self.cache.plan(q.body, q.session).predicted_cached)
         uncached = max(0, tokens - cached)
-        rate = self.speeds.prefill_rate(tokens)
-        queue_s = queued * (self.speeds.service or 0.0)
-        parts: dict[str, Any] = {"queued": queued, "queue_s": round(queue_s, 3), "cached_tokens": cached,
-                                 "uncached_tokens": uncached, "prefill_tok_s": round(rate, 1) if rate else None}
+        speeds = self.speeds
+        rate = speeds.prefill_rate(tokens)
+        prefill = speeds.prefill_seconds(uncached, tokens)
+        first_token = 1 / speeds.decode if speeds.decode else 0.0  # the first byte is the first token
+        queue_s = queued * (speeds.service or 0.0)
+        parts: dict[str, Any] = {"queued": queued, "queue_s": round(queue_s, 3), "tokens": tokens,
+                                 "tokens_from": "learned bytes/token" if learned else "bytes",
+                                 "cached_tokens": cached, "uncached_tokens": uncached,
+                                 "prefill_tok_s": round(rate, 1) if rate else None,
+                                 "overhead_s": round(speeds.overhead, 3) if speeds.overhead is not None else None}
         if self.model_state == "unloaded" and self.load_seconds:  # router mode: this request loads the model
             queue_s += self.load_seconds
             parts["load_s"] = round(self.load_seconds, 3)
-        return Estimate(queue_s + uncached / rate if rate else None, parts)
+        return Estimate(None if prefill is None else queue_s + prefill + first_token, parts)
 
     def evicts(self, q: FitQuery) -> str | None:
         return self.cache.evicts(q.body, q.session)

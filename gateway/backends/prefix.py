@@ -20,6 +20,11 @@ from typing import Any
 class Prefix:
     hashes: tuple[bytes, ...]  # cumulative: hashes[i] covers tools + messages[0..i]
     sizes: tuple[int, ...]  # cumulative bytes up to each message
+    tool_bytes: int = 0  # the tool schemas' JSON (templates that render them put them first)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tool_bytes + (self.sizes[-1] if self.sizes else 0)
 
     def common(self, other: Prefix) -> int:
         """How many leading messages the two prompts share."""
@@ -33,8 +38,11 @@ class Prefix:
 
 def fingerprint(body: dict[str, Any]) -> Prefix:
     h = hashlib.blake2b(digest_size=16)
+    tool_bytes = 0
     if body.get("tools"):
-        h.update(json.dumps(body["tools"], sort_keys=True).encode())
+        tools = json.dumps(body["tools"], sort_keys=True).encode()
+        h.update(tools)
+        tool_bytes = len(tools)
     hashes, sizes, total = [], [], 0
     for m in body.get("messages") or ():
         piece = json.dumps(m, sort_keys=True, ensure_ascii=False).encode("utf-8", "replace")
@@ -42,7 +50,7 @@ def fingerprint(body: dict[str, Any]) -> Prefix:
         total += len(piece)
         hashes.append(h.copy().digest())
         sizes.append(total)
-    return Prefix(tuple(hashes), tuple(sizes))
+    return Prefix(tuple(hashes), tuple(sizes), tool_bytes)
 
 
 @dataclass
@@ -122,6 +130,9 @@ class SlotCache:
         self._last: tuple[Any, Any, Prefix] | None = None
         self.cached_tokens = 0  # served from cache, summed (for the hit ratio)
         self.prompt_tokens = 0
+        # The server's own bytes per token, with and without tools (a template may drop them, as
+        # SmolLM2's does, or render them): a prompt's tokens predicted from its bytes, not a generic guess.
+        self.bytes_per_token: dict[bool, float] = {}
 
     def _fingerprint(self, body: dict[str, Any]) -> Prefix:
         messages, tools = body.get("messages"), body.get("tools")
@@ -141,6 +152,12 @@ class SlotCache:
             if slot is None:  # all hot: the least recently used one
                 slot = min(self.memory.held.items(), key=lambda kv: kv[1].at)[0]
         return Plan(slot, prefix, cached, session, self.pin and self.memory.slots > 1)
+
+    def tokens_of(self, body: dict[str, Any]) -> int | None:
+        """The prompt's tokens as this server will count them, from its learned bytes per token."""
+        prefix = self._fingerprint(body)
+        ratio = self.bytes_per_token.get(prefix.tool_bytes > 0)
+        return int(prefix.nbytes / ratio) if ratio else None
 
     def evicts(self, body: dict[str, Any], session: str | None) -> str | None:
         """Why serving this request now would throw away a warm conversation's prefix, or None."""
@@ -165,6 +182,9 @@ class SlotCache:
         if isinstance(tokens, int) and tokens > 0:
             self.memory.remember(plan.slot, plan.prefix, tokens, plan.session)
             self.prompt_tokens += tokens
+            key, ratio = plan.prefix.tool_bytes > 0, plan.prefix.nbytes / tokens
+            old = self.bytes_per_token.get(key)
+            self.bytes_per_token[key] = ratio if old is None else old + 0.3 * (ratio - old)
         if isinstance(cache_n, int):
             self.memory.score(plan.predicted_cached, cache_n)
             self.cached_tokens += cache_n

@@ -52,3 +52,29 @@ def test_prediction_error_is_measured_against_the_first_byte_including_the_queue
     bucket = 'switchyard_ttft_prediction_error_ratio_bucket{backend="local",le="0.05"}'
     lines = generate_latest(m.registry).decode().splitlines()
     assert next(x for x in lines if x.startswith(bucket)).endswith(" 1.0")
+
+
+def test_a_small_batch_on_a_cached_prefix_teaches_the_overhead_not_the_rate() -> None:
+    from gateway.backends.speed import Speeds
+
+    s = Speeds()
+    s.observe_prefill(1000, 10.0)  # a cold prefill: 100 tok/s
+    s.observe_prefill(60, 1.6)  # 60 new tokens after a long cached prefix: mostly fixed cost
+    assert s.prefill_rate(1000) == 100.0
+    assert s.overhead is not None and abs(s.overhead - 1.0) < 1e-9
+    assert abs((s.prefill_seconds(60, 1200) or 0) - 1.6) < 1e-9  # the same turn, predicted
+    assert Speeds.from_dict(s.as_dict()).overhead == s.overhead  # persisted
+
+
+def test_the_prompt_tokens_come_from_this_servers_bytes_per_token() -> None:
+    from gateway.backends.prefix import Plan
+
+    cache = SlotCache(hot_for=300)
+    first = body("a" * 2000)
+    assert cache.tokens_of(first) is None  # nothing learned: the caller falls back to its byte estimate
+    plan: Plan = cache.plan(first, "s")
+    cache.settled(plan, {"prompt_tokens": 500}, {"cache_n": 0, "prompt_n": 500})
+    longer = body("a" * 2000, "b" * 2000)
+    tokens = cache.tokens_of(longer)
+    assert tokens is not None and 990 <= tokens <= 1010
+    assert cache.tokens_of({**longer, "tools": [{"type": "function"}]}) is None  # tools: learned apart
