@@ -49,7 +49,7 @@ class LlamaCppBackend:
         self.config = config
         self.ceilings = ceilings
         self.speeds = speeds or Speeds()
-        self.cache = SlotCache(config.hot_for, pin=config.slot_affinity)
+        self.cache = SlotCache(config.hot_for, pin=config.slot_affinity, speeds=self.speeds)
         self.url = config.url
         self.live_n_ctx: int | None = None
         self._session: aiohttp.ClientSession | None = None

@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .sizing import PromptSizer
+from .speed import Speeds
+
 
 @dataclass(frozen=True, slots=True)
 class Prefix:
@@ -80,6 +83,15 @@ class SlotMemory:
                 best_slot, best = slot, tokens
         return best_slot, best
 
+    def base(self, prefix: Prefix) -> Held | None:
+        """The longest prompt a slot holds that this one wholly continues (its next turn), or None."""
+        best: Held | None = None
+        for held in self.held.values():
+            n = len(held.prefix.hashes)
+            if n and prefix.common(held.prefix) == n and (best is None or n > len(best.prefix.hashes)):
+                best = held
+        return best
+
     def coldest(self, hot_for: float) -> int | None:
         """A slot no conversation used within `hot_for` seconds (the least recently used), or None."""
         now = time.monotonic()
@@ -114,6 +126,7 @@ class Plan:
     predicted_cached: int
     session: str | None
     pin: bool  # send `id_slot` (the server has several slots)
+    base: Held | None = None  # the held prompt this one continues (sizes the new part)
 
 
 class SlotCache:
@@ -121,8 +134,9 @@ class SlotCache:
     time a miss costs (uncached tokens / learned prefill rate), and whether a request would evict a
     conversation that is still being used (`hot_for`)."""
 
-    def __init__(self, hot_for: float, pin: bool = True) -> None:
+    def __init__(self, hot_for: float, pin: bool = True, speeds: Speeds | None = None) -> None:
         self.hot_for = hot_for
+        self.sizer = PromptSizer(speeds or Speeds())
         self.pin = pin  # send id_slot when the server has several slots (config `slot_affinity`)
         self.memory = SlotMemory()
         # decide (estimate, evicts) and open fingerprint the same request: hash it once. The body may
@@ -130,9 +144,6 @@ class SlotCache:
         self._last: tuple[Any, Any, Prefix] | None = None
         self.cached_tokens = 0  # served from cache, summed (for the hit ratio)
         self.prompt_tokens = 0
-        # The server's own bytes per token, with and without tools (a template may drop them, as
-        # SmolLM2's does, or render them): a prompt's tokens predicted from its bytes, not a generic guess.
-        self.bytes_per_token: dict[bool, float] = {}
 
     def _fingerprint(self, body: dict[str, Any]) -> Prefix:
         messages, tools = body.get("messages"), body.get("tools")
@@ -151,13 +162,12 @@ class SlotCache:
             slot = self.memory.coldest(self.hot_for)
             if slot is None:  # all hot: the least recently used one
                 slot = min(self.memory.held.items(), key=lambda kv: kv[1].at)[0]
-        return Plan(slot, prefix, cached, session, self.pin and self.memory.slots > 1)
+        return Plan(slot, prefix, cached, session, self.pin and self.memory.slots > 1, self.memory.base(prefix))
 
     def tokens_of(self, body: dict[str, Any]) -> int | None:
-        """The prompt's tokens as this server will count them, from its learned bytes per token."""
+        """The prompt's tokens as this server will count them (sizing.py), None before it answered."""
         prefix = self._fingerprint(body)
-        ratio = self.bytes_per_token.get(prefix.tool_bytes > 0)
-        return int(prefix.nbytes / ratio) if ratio else None
+        return self.sizer.tokens(prefix, self.memory.base(prefix))
 
     def evicts(self, body: dict[str, Any], session: str | None) -> str | None:
         """Why serving this request now would throw away a warm conversation's prefix, or None."""
@@ -182,9 +192,7 @@ class SlotCache:
         if isinstance(tokens, int) and tokens > 0:
             self.memory.remember(plan.slot, plan.prefix, tokens, plan.session)
             self.prompt_tokens += tokens
-            key, ratio = plan.prefix.tool_bytes > 0, plan.prefix.nbytes / tokens
-            old = self.bytes_per_token.get(key)
-            self.bytes_per_token[key] = ratio if old is None else old + 0.3 * (ratio - old)
+            self.sizer.learn(plan.prefix, plan.base, tokens)
         if isinstance(cache_n, int):
             self.memory.score(plan.predicted_cached, cache_n)
             self.cached_tokens += cache_n

@@ -48,6 +48,8 @@ class Speeds:
     service: float | None = None  # seconds a request holds the backend, first byte to last
     samples: int = 0
     overhead: float | None = None  # seconds a prefill takes beyond its tokens at the band's rate
+    bytes_per_token: float | None = None  # message bytes per prompt token, as this server counts (sizing.py)
+    tool_tokens: float | None = None  # tokens the tool schemas add to a prompt (0 where the template drops them)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if seconds <= 0 or tokens <= 0:
@@ -94,12 +96,13 @@ class Speeds:
     def as_dict(self) -> dict[str, Any]:
         return {"prefill": {str(k): round(v, 3) for k, v in self.prefill.items()}, "decode": self.decode,
                 "first_byte": self.first_byte, "service": self.service, "samples": self.samples,
-                "overhead": self.overhead}
+                "overhead": self.overhead, "bytes_per_token": self.bytes_per_token, "tool_tokens": self.tool_tokens}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Speeds:
         return cls({int(k): float(v) for k, v in (d.get("prefill") or {}).items()}, d.get("decode"),
-                   d.get("first_byte"), d.get("service"), int(d.get("samples") or 0), d.get("overhead"))
+                   d.get("first_byte"), d.get("service"), int(d.get("samples") or 0), d.get("overhead"),
+                   d.get("bytes_per_token"), d.get("tool_tokens"))
 
 
 class SpeedBook:

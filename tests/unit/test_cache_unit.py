@@ -67,14 +67,26 @@ def test_a_small_batch_on_a_cached_prefix_teaches_the_overhead_not_the_rate() ->
 
 
 def test_the_prompt_tokens_come_from_this_servers_bytes_per_token() -> None:
-    from gateway.backends.prefix import Plan
-
     cache = SlotCache(hot_for=300)
     first = body("a" * 2000)
     assert cache.tokens_of(first) is None  # nothing learned: the caller falls back to its byte estimate
-    plan: Plan = cache.plan(first, "s")
-    cache.settled(plan, {"prompt_tokens": 500}, {"cache_n": 0, "prompt_n": 500})
-    longer = body("a" * 2000, "b" * 2000)
-    tokens = cache.tokens_of(longer)
-    assert tokens is not None and 990 <= tokens <= 1010
-    assert cache.tokens_of({**longer, "tools": [{"type": "function"}]}) is None  # tools: learned apart
+    cache.settled(cache.plan(first, "s"), {"prompt_tokens": 520}, {"cache_n": 0, "prompt_n": 520})
+    fresh = body("c" * 4000)  # no held prompt continues into it: its bytes at the learned ratio
+    assert abs((cache.tokens_of(fresh) or 0) - 1040) <= 15  # (JSON keys count as bytes too)
+    turn2 = body("a" * 2000, "b" * 800)  # continues the held prompt: its known tokens + the new bytes
+    predicted = cache.tokens_of(turn2)
+    cache.settled(cache.plan(turn2, "s"), {"prompt_tokens": 760}, {"cache_n": 519, "prompt_n": 241})
+    assert predicted is not None and abs(predicted - (520 + 800 * 520 / 2000)) <= 12
+    assert cache.sizer.speeds.bytes_per_token is not None  # learned from the growth, persisted with the speeds
+
+
+def test_tools_a_template_drops_add_no_tokens_and_ones_it_renders_do() -> None:
+    tools = [{"type": "function", "function": {"name": "read", "description": "x" * 3000}}]
+    for rendered, expected in ((0, 0), (900, 900)):
+        cache = SlotCache(hot_for=300)
+        plain = body("a" * 2000)
+        cache.settled(cache.plan(plain, "s"), {"prompt_tokens": 500}, {"cache_n": 0, "prompt_n": 500})
+        agent = {**body("d" * 2000), "tools": tools}
+        cache.settled(cache.plan(agent, "t"), {"prompt_tokens": 500 + rendered}, {"cache_n": 0, "prompt_n": 500})
+        other = {**body("e" * 2000), "tools": tools}
+        assert abs((cache.tokens_of(other) or 0) - (500 + expected)) <= 15
