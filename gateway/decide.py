@@ -110,6 +110,9 @@ class Decider:
         self.tier_of = {m: t for t, ms in self.tiers.items() for m in ms}
         # The runtime's read-only queue view: (slots in use + waiting, slots) of a backend.
         self.load: Callable[[str], tuple[int, int]] = lambda _name: (0, 0)
+        # ...and how many service times a request would wait there (an interactive turn overtakes waiting
+        # background tasks and pre-empts a preemptible holder: those are not ahead of it).
+        self.ahead: Callable[[str, bool], int] = lambda _name, _interactive: 0
         self.pins = SessionPins()
         # `explain --live`: why each backend is unusable as the *running gateway* sees it (None: usable),
         # instead of judging from this process's own environment.
@@ -235,7 +238,7 @@ class Decider:
                 # never pin a session on an estimate (made when the server could not count, e.g. down)
                 outgrown = outgrown or (backend.free and fit.method != "estimate")
                 continue
-            estimate = backend.estimate(query, self.load(name)[0])
+            estimate = backend.estimate(query, self.ahead(name, profile.interactive))
             estimates[name] = estimate
             steps.append(Step(name, queue_wait, backend.free, estimate.seconds))
         tokens = best.tokens if best else profile.tokens_in

@@ -30,7 +30,7 @@ from .loopwatch import watch as loopwatch
 from .metrics import Metrics
 from .record import Recorder
 from .router import Router
-from .slots import SlotQueue
+from .slots import BACKGROUND, INTERACTIVE, SlotQueue
 from .teams import Teams
 from .tiers import discover_members
 from .tiers import members as tier_members
@@ -50,6 +50,15 @@ def _load_view(queues: Mapping[str, SlotQueue]) -> Callable[[str], tuple[int, in
         return (q.busy + q.waiting, q.capacity) if q is not None else (0, 0)
 
     return load
+
+
+def _ahead_view(queues: Mapping[str, SlotQueue]) -> Callable[[str, bool], int]:
+    """Read-only: service times an interactive (or background) request would wait at a backend now."""
+    def ahead(name: str, interactive: bool) -> int:
+        q = queues.get(name)
+        return q.ahead(INTERACTIVE if interactive else BACKGROUND) if q is not None else 0
+
+    return ahead
 
 
 @dataclass
@@ -81,6 +90,7 @@ class Runtime:
         limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
                     for n, c in members.items() if c.rate_limit_per_minute and n in router.backends}
         router.decider.load = _load_view(queues)
+        router.decider.ahead = _ahead_view(queues)
         ledger = Ledger(ledger_path(gw.data_dir, gw.ledger_path))
         admission = Admission(ledger.spent_this_month(month_start()))
         dispatcher = Dispatcher(router.backends, router.breakers, queues, limiters, router.speeds)

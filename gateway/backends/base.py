@@ -102,7 +102,7 @@ class Backend(Protocol):
     def learn(self, failure: UpstreamFailure, tokens_in: int) -> None: ...
 
     def estimate(self, q: FitQuery, queued: int) -> Estimate:
-        """Time to first byte if sent now, with `queued` requests ahead of it on this backend."""
+        """Time to first byte if sent now, `queued` service times after the requests ahead of it (per slot)."""
 
     def evicts(self, q: FitQuery) -> str | None:
         """Why serving this now would throw away a warm conversation's cache (None: it would not)."""

@@ -90,3 +90,22 @@ def test_tools_a_template_drops_add_no_tokens_and_ones_it_renders_do() -> None:
         cache.settled(cache.plan(agent, "t"), {"prompt_tokens": 500 + rendered}, {"cache_n": 0, "prompt_n": 500})
         other = {**body("e" * 2000), "tools": tools}
         assert abs((cache.tokens_of(other) or 0) - (500 + expected)) <= 15
+
+
+async def test_what_is_ahead_of_a_turn_is_what_it_cannot_overtake() -> None:
+    import asyncio
+
+    from gateway.slots import BACKGROUND, INTERACTIVE, Lease, SlotQueue
+
+    q = SlotQueue(1)
+    assert q.ahead(INTERACTIVE) == 0 and q.ahead(BACKGROUND) == 0  # idle
+    task = Lease(BACKGROUND, preemptible=True)
+    assert await q.acquire(task, 1)
+    assert q.ahead(INTERACTIVE) == 0  # a preemptible task gives way at once
+    assert q.ahead(BACKGROUND) == 1
+    waiter = asyncio.create_task(q.acquire(Lease(BACKGROUND), 5))
+    await asyncio.sleep(0)
+    assert q.ahead(INTERACTIVE) == 0 and q.ahead(BACKGROUND) == 2  # a turn overtakes waiting tasks
+    q.release(task)
+    await waiter
+    assert q.ahead(INTERACTIVE) == 1  # a task that does not give way: one service time
