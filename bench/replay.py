@@ -15,9 +15,9 @@ llama-server (SmolLM2-135M, empty cache) behind its own in-process Switchyard:
 - **fastest**: cache-aware with `prefer: fastest` on every rule (the backend predicted to answer first).
 
 Hosted is the fake provider (tests/fake_hosted.py) answering after `--hosted-ttft` seconds (default
-1.0 s, a hosted model's typical time to first token). Learned speeds come from a calibration run first
-and are copied into each variant's data dir (what a restarted gateway reads), so every variant starts
-equally informed. Output: per setup, scenario and variant, the share of prompt tokens served from
+1.0 s, a hosted model's typical time to first token). Learned speeds come from a calibration run first;
+each run then starts from the speeds the run before it left in its data dir (what a long-running gateway
+knows), and the variants' order rotates between rounds. Output: per setup, scenario and variant, the share of prompt tokens served from
 llama.cpp's cache on interactive turns (`timings.cache_n`, the turns that continue a conversation —
 a first turn has nothing to reuse), the p50/p95 time to first token of interactive turns, prompt
 tokens sent to hosted (cost), and the median |predicted - actual| / actual time to first token.
@@ -268,6 +268,11 @@ async def run(setups: list[str], scenarios: list[str], variants: list[str], roun
                     order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: drift hits all
                     for variant in order:
                         rows = await _run_one(artifacts, fake, work, setup, variant, scenario, speeds, think)
+                        # the next run starts from what this one learned, as a long-running gateway would
+                        learned = work / f"{setup}-{scenario}-{variant}" / "data" / "speeds.json"
+                        if learned.exists():
+                            speeds = work / "speeds.json"
+                            shutil.copy(learned, speeds)
                         _mark_compactions(rows)
                         out["runs"].setdefault(setup, {}).setdefault(scenario, {}).setdefault(variant, []).extend(rows)
                         s = summarize(rows)
