@@ -17,10 +17,11 @@ llama-server (SmolLM2-135M, empty cache) behind its own in-process Switchyard:
 Hosted is the fake provider (tests/fake_hosted.py) answering after `--hosted-ttft` seconds (default
 1.0 s, a hosted model's typical time to first token). Learned speeds come from a calibration run first;
 each run then starts from the speeds the run before it left in its data dir (what a long-running gateway
-knows), and the variants' order rotates between rounds. Output: per setup, scenario and variant, the share of prompt tokens served from
-llama.cpp's cache on interactive turns (`timings.cache_n`, the turns that continue a conversation —
-a first turn has nothing to reuse), the p50/p95 time to first token of interactive turns, prompt
-tokens sent to hosted (cost), and the median |predicted - actual| / actual time to first token.
+knows), and the variants' order rotates between rounds. Output: per setup, scenario and variant, the
+share of prompt tokens served from llama.cpp's cache on interactive turns (`timings.cache_n`, the turns
+that continue a conversation — a first turn has nothing to reuse), the p50/p95 time to first token of
+interactive turns, prompt tokens sent to hosted (cost), and the median |predicted - actual| / actual
+time to first token.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def _config(root: Path, variant: str, local_url: str, hosted_url: str) -> Path:
-    local: dict[str, Any] = {"kind": "llamacpp", "url": local_url, "max_concurrency": 1, "context_limit": 4096,
+def _config(root: Path, variant: str, local_url: str, hosted_url: str, slots: int = 1) -> Path:
+    local: dict[str, Any] = {"kind": "llamacpp", "url": local_url, "max_concurrency": slots, "context_limit": 4096,
                              "embedded": False, "timeouts": {"connect": 5, "first_byte": 300, "idle": 120,
                                                              "total": 600}}
     if variant == "static":
@@ -176,7 +177,7 @@ async def _run_one(artifacts: Artifacts, fake: FakeHosted, work: Path, setup: st
                         log_path=root / "llama.log")
     root.mkdir(parents=True, exist_ok=True)
     await llama.start()
-    config = _config(root, variant, llama.url, fake.url)
+    config = _config(root, variant, llama.url, fake.url, slots)
     (root / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(speeds, root / "data" / "speeds.json")
     gw = await _serve(config)

@@ -70,18 +70,32 @@ class SlotMemory:
     held: dict[int, Held] = field(default_factory=dict)
     errors: list[float] = field(default_factory=list)  # |predicted - actual| / max(actual, 1), last 200
 
-    def predict(self, prefix: Prefix) -> tuple[int, int]:
-        """(slot, cached tokens predicted) for the slot holding the longest matching prefix."""
-        best_slot, best = 0, 0
-        for slot, held in self.held.items():
-            n = prefix.common(held.prefix)
-            if n == 0 or not held.prefix.sizes:
-                continue
-            shared_bytes = held.prefix.sizes[n - 1]
-            tokens = int(held.tokens * shared_bytes / held.prefix.sizes[-1])
-            if tokens > best:
-                best_slot, best = slot, tokens
-        return best_slot, best
+    def shared(self, prefix: Prefix, held: Held) -> int:
+        """Tokens of `held` that a prompt with this prefix would find cached (the shared messages' share)."""
+        n = prefix.common(held.prefix)
+        if n == 0 or not held.prefix.sizes:
+            return 0
+        return int(held.tokens * held.prefix.sizes[n - 1] / held.prefix.sizes[-1])
+
+    def choose(self, prefix: Prefix, hot_for: float) -> tuple[int, int, int]:
+        """(slot, cached tokens predicted, hot tokens it would throw away) for the best slot: the most
+        reused minus what a still-hot conversation would lose (a prompt that shares only a system prompt
+        with a hot chat must not land on it), then a free slot, then the least recently used."""
+        now = time.monotonic()
+        best: tuple[tuple[int, bool, float], int, int, int] | None = None
+        for slot in range(max(1, self.slots)):
+            held = self.held.get(slot)
+            gain = lost = 0
+            if held is not None:
+                gain = self.shared(prefix, held)
+                continues = prefix.common(held.prefix) == len(held.prefix.hashes)
+                if not continues and now - held.at <= hot_for:
+                    lost = held.tokens - gain
+            key = (gain - lost, held is None, -(held.at if held else 0.0))
+            if best is None or key > best[0]:
+                best = (key, slot, gain, lost)
+        assert best is not None
+        return best[1], best[2], best[3]
 
     def base(self, prefix: Prefix) -> Held | None:
         """The longest prompt a slot holds that this one wholly continues (its next turn), or None."""
@@ -91,15 +105,6 @@ class SlotMemory:
             if n and prefix.common(held.prefix) == n and (best is None or n > len(best.prefix.hashes)):
                 best = held
         return best
-
-    def coldest(self, hot_for: float) -> int | None:
-        """A slot no conversation used within `hot_for` seconds (the least recently used), or None."""
-        now = time.monotonic()
-        free = [s for s in range(self.slots) if s not in self.held]
-        if free:
-            return free[0]
-        cold = [(h.at, s) for s, h in self.held.items() if now - h.at > hot_for]
-        return min(cold)[1] if cold else None
 
     def hot(self, slot: int, hot_for: float) -> Held | None:
         held = self.held.get(slot)
@@ -127,6 +132,7 @@ class Plan:
     session: str | None
     pin: bool  # send `id_slot` (the server has several slots)
     base: Held | None = None  # the held prompt this one continues (sizes the new part)
+    lost: int = 0  # cached tokens of a hot conversation this request would overwrite
 
 
 class SlotCache:
@@ -156,13 +162,8 @@ class SlotCache:
 
     def plan(self, body: dict[str, Any], session: str | None) -> Plan:
         prefix = self._fingerprint(body)
-        slot, cached = self.memory.predict(prefix)
-        if self.memory.slots > 1 and cached == 0:
-            # a new conversation or a background task: a slot no hot conversation owns
-            slot = self.memory.coldest(self.hot_for)
-            if slot is None:  # all hot: the least recently used one
-                slot = min(self.memory.held.items(), key=lambda kv: kv[1].at)[0]
-        return Plan(slot, prefix, cached, session, self.pin and self.memory.slots > 1, self.memory.base(prefix))
+        slot, cached, lost = self.memory.choose(prefix, self.hot_for)
+        return Plan(slot, prefix, cached, session, self.pin and self.memory.slots > 1, self.memory.base(prefix), lost)
 
     def tokens_of(self, body: dict[str, Any]) -> int | None:
         """The prompt's tokens as this server will count them (sizing.py), None before it answered."""
@@ -172,10 +173,9 @@ class SlotCache:
     def evicts(self, body: dict[str, Any], session: str | None) -> str | None:
         """Why serving this request now would throw away a warm conversation's prefix, or None."""
         plan = self.plan(body, session)
-        if plan.predicted_cached:
-            return None  # it continues a cached prefix: nothing to lose
         held = self.memory.hot(plan.slot, self.hot_for)
-        if held is None:
+        # Nothing to lose, or it reuses more than it throws away (a regenerated last turn): not an eviction.
+        if held is None or plan.lost <= plan.predicted_cached:
             return None
         # Even the same chat's own title would evict it: the title's prompt is not the conversation's.
         who = f"{held.session}'s" if held.session else "a conversation's"

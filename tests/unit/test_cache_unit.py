@@ -109,3 +109,32 @@ async def test_what_is_ahead_of_a_turn_is_what_it_cannot_overtake() -> None:
     q.release(task)
     await waiter
     assert q.ahead(INTERACTIVE) == 1  # a task that does not give way: one service time
+
+
+def _answered(cache: SlotCache, b: dict[str, Any], session: str, tokens: int) -> int:
+    plan = cache.plan(b, session)
+    cache.settled(plan, {"prompt_tokens": tokens}, {"cache_n": plan.predicted_cached, "prompt_n": 1})
+    return plan.slot
+
+
+def test_two_chats_that_share_a_system_prompt_keep_a_slot_each() -> None:
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    a = {"messages": [system, {"role": "user", "content": "a" * 4000}]}
+    b = {"messages": [system, {"role": "user", "content": "b" * 4000}]}
+    cache = SlotCache(hot_for=300)
+    cache.memory.slots = 2
+    slot_a = _answered(cache, a, "A", 1000)
+    slot_b = _answered(cache, b, "B", 1000)  # shares only the system prompt with A: not A's slot
+    assert slot_a != slot_b
+    a2 = {"messages": [*a["messages"], {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]}
+    plan = cache.plan(a2, "A")
+    assert plan.slot == slot_a and plan.predicted_cached == 1000 and plan.lost == 0
+
+
+def test_a_task_sharing_only_the_system_prompt_would_still_evict_a_hot_chat() -> None:
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    cache = SlotCache(hot_for=300)
+    _answered(cache, {"messages": [system, {"role": "user", "content": "a" * 4000}]}, "A", 1000)
+    task = {"messages": [system, {"role": "user", "content": "Generate a title"}]}
+    assert cache.evicts(task, "A") is not None
+    assert SlotCache(hot_for=0).evicts(task, "A") is None  # nothing hot: nothing to keep
