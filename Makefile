@@ -66,6 +66,8 @@ bench: install llama-server
 	$(BIN)/python -m bench.run
 	@# the "new chat" scenario on the real llama-server: the turn's first byte beside its title vs alone
 	$(BIN)/python -m bench.newchat --trials 5 --json bench/results/newchat-$$(date +%F).json
+	@# issue 11: real session shapes replayed on the real llama-server, cache-blind vs cache-aware (~20 min)
+	$(BIN)/python -m bench.replay --json bench/results/replay-$$(date +%F).json
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules tests/opencode/node_modules .pytest_cache
