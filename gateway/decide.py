@@ -113,6 +113,8 @@ class Decider:
         # ...and how many service times a request would wait there (an interactive turn overtakes waiting
         # background tasks and pre-empts a preemptible holder: those are not ahead of it).
         self.ahead: Callable[[str, bool], int] = lambda _name, _interactive: 0
+        # ...and how long a backend's own rate limit would hold a request now (its `rate_limit_per_minute`).
+        self.pacing: Callable[[str], float] = lambda _name: 0.0
         self.pins = SessionPins()
         # `explain --live`: why each backend is unusable as the *running gateway* sees it (None: usable),
         # instead of judging from this process's own environment.
@@ -239,6 +241,8 @@ class Decider:
                 outgrown = outgrown or (backend.free and fit.method != "estimate")
                 continue
             estimate = backend.estimate(query, self.ahead(name, profile.interactive))
+            if (pace := self.pacing(name)) and estimate.seconds is not None:
+                estimate = Estimate(estimate.seconds + pace, {**estimate.parts, "pacing_s": round(pace, 3)})
             estimates[name] = estimate
             steps.append(Step(name, queue_wait, backend.free, estimate.seconds))
         tokens = best.tokens if best else profile.tokens_in

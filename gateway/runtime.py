@@ -52,6 +52,15 @@ def _load_view(queues: Mapping[str, SlotQueue]) -> Callable[[str], tuple[int, in
     return load
 
 
+def _pacing_view(limiters: Mapping[str, AsyncLimiter]) -> Callable[[str], float]:
+    """Read-only: seconds a request would wait for a backend's own rate limit now (one drip when full)."""
+    def pacing(name: str) -> float:
+        lim = limiters.get(name)
+        return 0.0 if lim is None or lim.has_capacity() else lim.time_period / lim.max_rate
+
+    return pacing
+
+
 def _ahead_view(queues: Mapping[str, SlotQueue]) -> Callable[[str, bool], int]:
     """Read-only: service times an interactive (or background) request would wait at a backend now."""
     def ahead(name: str, interactive: bool) -> int:
@@ -90,9 +99,10 @@ class Runtime:
         limiters = {n: AsyncLimiter(c.rate_limit_per_minute, 60.0)
                     for n, c in members.items() if c.rate_limit_per_minute and n in router.backends}
         router.decider.load = _load_view(queues)
-        router.decider.ahead = _ahead_view(queues)
         ledger = Ledger(ledger_path(gw.data_dir, gw.ledger_path))
         admission = Admission(ledger.spent_this_month(month_start()))
+        router.decider.ahead = _ahead_view(queues)
+        router.decider.pacing = _pacing_view(limiters)
         dispatcher = Dispatcher(router.backends, router.breakers, queues, limiters, router.speeds)
         return cls(settings, router, queues, limiters, dispatcher, Recorder(), ledger, admission)
 

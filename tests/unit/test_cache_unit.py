@@ -138,3 +138,27 @@ def test_a_task_sharing_only_the_system_prompt_would_still_evict_a_hot_chat() ->
     task = {"messages": [system, {"role": "user", "content": "Generate a title"}]}
     assert cache.evicts(task, "A") is not None
     assert SlotCache(hot_for=0).evicts(task, "A") is None  # nothing hot: nothing to keep
+
+
+async def test_a_backend_at_its_own_rate_limit_is_predicted_later(tmp_path: Any) -> None:
+    from aiolimiter import AsyncLimiter
+
+    from gateway.router import Router
+    from gateway.runtime import _pacing_view
+    from tests.unit.conftest import scripted_backends, scripted_settings
+    from tests.unit.test_decide_unit import chat, decide
+
+    limiter = AsyncLimiter(1, 60)
+    pacing = _pacing_view({"hosted": limiter})
+    assert pacing("hosted") == 0.0 and pacing("local") == 0.0
+    await limiter.acquire()  # the minute's one request is used
+    assert pacing("hosted") == 60.0
+    policy = {"rules": [{"route": ["local", "hosted"], "prefer": "fastest"}]}
+    settings = scripted_settings(tmp_path, policy)
+    backends = scripted_backends(settings)
+    r = Router.build(settings, backends)
+    backends["local"].predicted, backends["hosted"].predicted = 9.0, 1.5
+    assert (await decide(r, chat())).steps[0].backend == "hosted"
+    r.decider.pacing = pacing
+    route = await decide(r, chat())
+    assert route.steps[0].backend == "local" and route.estimates["hosted"].parts["pacing_s"] == 60.0
