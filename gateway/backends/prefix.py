@@ -25,10 +25,6 @@ class Prefix:
     sizes: tuple[int, ...]  # cumulative bytes up to each message
     tool_bytes: int = 0  # the tool schemas' JSON (templates that render them put them first)
 
-    @property
-    def nbytes(self) -> int:
-        return self.tool_bytes + (self.sizes[-1] if self.sizes else 0)
-
     def common(self, other: Prefix) -> int:
         """How many leading messages the two prompts share."""
         n = 0
