@@ -141,6 +141,8 @@ class LlamaCppBackend:
         native = protocol != "chat"
         path = PROTOCOLS[protocol].path
         plan = None if native else self.cache.plan(body, headers.get("x-session-id"))
+        if plan is not None:
+            self.cache.reserve(plan)
         if plan is not None and plan.pin:  # several slots: the one holding this prefix, or one no hot one owns
             body, raw = {**body, "id_slot": plan.slot}, None
         if stream or native:

@@ -162,3 +162,14 @@ async def test_a_backend_at_its_own_rate_limit_is_predicted_later(tmp_path: Any)
     r.decider.pacing = pacing
     route = await decide(r, chat())
     assert route.steps[0].backend == "local" and route.estimates["hosted"].parts["pacing_s"] == 60.0
+
+
+def test_requests_sent_before_either_answered_take_different_slots() -> None:
+    cache = SlotCache(hot_for=300)
+    cache.memory.slots = 2
+    turn = body("a" * 4000)
+    title = body("### Task: title " + "a" * 100)
+    first = cache.plan(turn, "chat")
+    cache.reserve(first)  # on its way, not answered yet
+    second = cache.plan(title, "chat")
+    assert second.slot != first.slot
