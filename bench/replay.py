@@ -252,7 +252,7 @@ def _mark_compactions(rows: list[dict[str, Any]]) -> None:
 
 
 async def run(setups: list[str], scenarios: list[str], variants: list[str], rounds: int, hosted_ttft: float,
-              think: float, keep: Path | None) -> dict[str, Any]:
+              think: float, keep: Path | None, json_path: Path | None = None) -> dict[str, Any]:
     os.environ.setdefault("REPLAY_HOSTED_KEY", "sk-replay")
     artifacts = locate(build=True)
     fake = await start_fake_hosted(chunks=8, chunk_delay=0.02)
@@ -276,6 +276,8 @@ async def run(setups: list[str], scenarios: list[str], variants: list[str], roun
                             shutil.copy(learned, speeds)
                         _mark_compactions(rows)
                         out["runs"].setdefault(setup, {}).setdefault(scenario, {}).setdefault(variant, []).extend(rows)
+                        if json_path is not None:  # partial results survive an interrupted run
+                            json_path.write_text(json.dumps(out, indent=1))
                         s = summarize(rows)
                         print(f"[{time.monotonic() - began:6.0f}s] {setup} {scenario:<10} {variant:<12} "
                               f"cache {s['cache_share_continuing_turns']}  ttft p50 {s['ttft_p50_s']}  "
@@ -304,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--keep", type=Path, help="keep the work dir (llama logs, ledgers) here")
     args = p.parse_args(argv)
-    out = asyncio.run(run(args.setups, args.scenarios, args.variants, args.rounds, args.hosted_ttft, args.think,
-                          args.keep))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+    out = asyncio.run(run(args.setups, args.scenarios, args.variants, args.rounds, args.hosted_ttft, args.think,
+                          args.keep, args.json))
+    if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     print(json.dumps({"overall": out["overall"], "summary": out["summary"]}, indent=1))
     return 0
