@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 
-
 _DATA = re.compile(rb"^data:[ \t]*(\{.*)$", re.M)  # a `data:` line holding an object (not `[DONE]`)
 
 
