@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl as ssl_module
 import time
@@ -27,6 +28,8 @@ MAX_HEAD = 65536  # bytes of status line + headers before the answer is called m
 HIGH_WATER = 262144  # bytes buffered for a streaming reader before we stop reading the socket
 DNS_TTL = 10.0  # seconds a resolved name is reused (aiohttp's default too)
 
+_CHUNK = re.compile(rb"([0-9a-fA-F]{1,15})\r\n")  # a chunk-size line without extensions
+_HEX = re.compile(rb"[0-9a-fA-F]{1,15}")
 _IN_DATA, _SIZE, _CRLF, _TRAILER = 1, 2, 3, 4  # chunked-body states (`_IN_DATA` while bytes remain)
 
 
@@ -232,12 +235,26 @@ class _Conn(asyncio.Protocol):
         else:
             self._add(data)
         if self.eager and not self.done:
+            if self.size > HIGH_WATER and not self._paused and self.transport is not None:
+                self._paused = True  # a slow reader (its client is slow): let TCP push back on the server
+                self.transport.pause_reading()
             self._wake()
 
     def _dechunk(self) -> None:
         buf, pos = self.buf, 0
         n = len(buf)
+        parts = self.parts
         while pos < n:
+            if self._state == _SIZE:  # fast path: a whole chunk in hand, as a server writes one per event
+                m = _CHUNK.match(buf, pos)
+                if m is not None:
+                    start = m.end()
+                    end = start + int(m.group(1), 16)
+                    if end > start and buf.startswith(b"\r\n", end):
+                        parts.append(bytes(buf[start:end]))
+                        self.size += end - start
+                        pos = end + 2
+                        continue
             if self._state == _IN_DATA:
                 take = min(self._left, n - pos)
                 self._add(bytes(buf[pos:pos + take]))
@@ -270,14 +287,11 @@ class _Conn(asyncio.Protocol):
                         self._finish()
                         return
                     continue
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
+                digits = line.split(b";", 1)[0].strip()
+                if _HEX.fullmatch(digits) is None:
                     self._fail(BadResponse(f"bad chunk size {line[:40]!r}"))
                     return
-                if size < 0:
-                    self._fail(BadResponse("negative chunk size"))
-                    return
+                size = int(digits, 16)
                 self._state, self._left = (_IN_DATA, size) if size else (_TRAILER, 0)
         del buf[:pos]
 
@@ -285,9 +299,6 @@ class _Conn(asyncio.Protocol):
         if data:
             self.parts.append(data)
             self.size += len(data)
-            if self.eager and self.size > HIGH_WATER and not self._paused and self.transport is not None:
-                self._paused = True
-                self.transport.pause_reading()
 
     def _finish(self) -> None:
         self.done = True
