@@ -15,6 +15,7 @@ failures.py already classifies; `before_response` tells a stale pooled socket fr
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import re
 import socket
@@ -22,10 +23,12 @@ import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 MAX_HEAD = 65536  # bytes of status line + headers before the answer is called malformed
 HIGH_WATER = 262144  # bytes buffered for a streaming reader before we stop reading the socket
+WHOLE_READ = 262144  # bytes the kernel gathers before waking a whole-body reader (the close wakes it too)
+_RCVLOWAT: int | None = getattr(socket, "SO_RCVLOWAT", None)
 DNS_TTL = 10.0  # seconds a resolved name is reused (aiohttp's default too)
 
 _CHUNK = re.compile(rb"([0-9a-fA-F]{1,15})\r\n")  # a chunk-size line without extensions
@@ -69,8 +72,12 @@ class Target:
         default = (tls and port == 443) or (not tls and port == 80)
         host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
         host_header = host if default else f"{host}:{port}"
+        auth = ""
+        if parts.username is not None:  # credentials in the URL (a proxy in front of llama.cpp): Basic auth
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            auth = f"Authorization: Basic {base64.b64encode(pair).decode()}\r\n"
         head = (f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nAccept: */*\r\n"
-                f"Accept-Encoding: identity\r\nContent-Type: {content_type}\r\n").encode("latin-1")
+                f"Accept-Encoding: identity\r\nContent-Type: {content_type}\r\n{auth}").encode("latin-1")
         return cls(parts.hostname, port, tls, head)
 
 
@@ -84,6 +91,8 @@ class Response:
 
     async def read(self) -> bytes:
         conn = self._conn
+        if not conn.done and not conn.keep:
+            conn.wake_at_end()
         while not conn.done:
             await conn.wait()
         if conn.exc is not None:
@@ -316,6 +325,19 @@ class _Conn(asyncio.Protocol):
             self.transport.abort()
 
     # ---- for Response ----
+
+    def wake_at_end(self) -> None:
+        """The caller wants the whole body of an answer the server ends by closing (llama-server: every
+        chat answer): ask the kernel to report the socket readable only past WHOLE_READ bytes or at
+        the close, instead of once per event (a 200-token answer was 200 loop wake-ups).
+        Never for a connection kept open: its end comes without a close."""
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is not None and _RCVLOWAT is not None and t is not None and not t.get_extra_info("sslcontext"):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _RCVLOWAT, WHOLE_READ)
+            except OSError:
+                pass  # only the wake-ups are saved: reading works the same without it
 
     def _wake(self) -> None:
         w = self._waiter

@@ -187,3 +187,37 @@ async def test_keep_alive_reuses_a_connection_and_retries_one_the_server_closed(
         resp.close()
     assert len(connections) == 2  # reused, and the stale socket was retried on a fresh one unseen
     client.close()
+
+
+def test_the_head_is_built_once_from_the_url() -> None:
+    head = http1.Target.post("http://u%40x:p@llama.lan:8080/base/v1/chat/completions?k=1").head
+    assert head.startswith(b"POST /base/v1/chat/completions?k=1 HTTP/1.1\r\nHost: llama.lan:8080\r\n")
+    assert b"Authorization: Basic dUB4OnA=\r\n" in head  # base64 of "u@x:p"
+    assert b"Host: [::1]\r\n" in http1.Target.post("http://[::1]:80/v1/chat/completions").head
+
+
+async def test_a_whole_answer_the_server_ends_by_closing_is_read_in_few_wake_ups(
+        scripted: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-streamed local answer arrives as a stream of events, one TCP write each: reading it whole
+    must not cost one event-loop wake-up per event (the kernel is asked to wait for the close)."""
+    events = [b"data: {\"n\":%d}\n\n" % i for i in range(100)]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the reader is waiting for the body by now
+        for e in events:
+            writer.write(b"%x\r\n%s\r\n" % (len(e), e))
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        writer.write(b"0\r\n\r\n")
+        writer.close()
+
+    calls: list[int] = []
+    real = http1._Conn.data_received
+    monkeypatch.setattr(http1._Conn, "data_received", lambda self, data: (calls.append(len(data)), real(self, data)))
+    resp = await http1.Client().post(http1.Target.post(await scripted(script)), b"{}", 5.0)
+    before = len(calls)
+    assert await resp.read() == b"".join(events)
+    assert len(calls) - before < 10, calls
