@@ -330,7 +330,11 @@ class _Conn(asyncio.Protocol):
         """The caller wants the whole body of an answer the server ends by closing (llama-server: every
         chat answer): ask the kernel to report the socket readable only past WHOLE_READ bytes or at
         the close, instead of once per event (a 200-token answer was 200 loop wake-ups).
-        Never for a connection kept open: its end comes without a close."""
+        Never for a connection kept open: its end comes without a close. Linux also clamps the
+        receive window to this many bytes, so it is set well above a typical answer: lower (16 KB) made
+        the server wait for our reads and added ~0.4 ms per 46 KB answer on loopback.
+        The cost: what arrived is framed after the close, not while the server writes (~0.2 ms more
+        for a 200-event answer that a server writes in one burst; nothing a generating model notices)."""
         t = self.transport
         sock = t.get_extra_info("socket") if t is not None else None
         if sock is not None and _RCVLOWAT is not None and t is not None and not t.get_extra_info("sslcontext"):
