@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from gateway import failures
-from gateway.backends import http1
+from gateway.backends import http1, http1conn
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -215,8 +215,8 @@ async def test_a_whole_answer_the_server_ends_by_closing_is_read_in_few_wake_ups
         writer.close()
 
     calls: list[int] = []
-    real = http1._Conn.data_received
-    monkeypatch.setattr(http1._Conn, "data_received", lambda self, data: (calls.append(len(data)), real(self, data)))
+    real = http1conn.Conn.data_received
+    monkeypatch.setattr(http1conn.Conn, "data_received", lambda self, data: (calls.append(len(data)), real(self, data)))
     resp = await http1.Client().post(http1.Target.post(await scripted(script)), b"{}", 5.0)
     before = len(calls)
     assert await resp.read() == b"".join(events)
