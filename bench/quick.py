@@ -43,9 +43,10 @@ async def main_async(args: argparse.Namespace) -> None:
         cfg = switchyard_config(workdir / "sy", sport)
         port = free_port()
         argv = switchyard_argv(cfg, port)
-        if args.loop == "asyncio":  # `serve` picks uvloop when it imports: hide it
-            argv = [python(), "-c", "import sys; sys.modules['uvloop'] = None; import gateway.cli as c; "
-                    "sys.exit(c.main())", *argv[argv.index("serve"):]]
+        if args.loop == "asyncio":  # `serve` picks uvloop when it imports: hide it (and let --src's
+            # PYTHONPATH, not the working directory, say which gateway/ runs)
+            argv = [python(), "-c", "import sys; sys.path.remove(''); sys.modules['uvloop'] = None; "
+                    "import gateway.cli as c; sys.exit(c.main())", *argv[argv.index("serve"):]]
         gw = stack.spawn("switchyard", argv, port, env=env, cwd=ROOT)
         await wait_http(gw, "/readyz", 60)
         for model in ("hosted", "hosted_responses"):

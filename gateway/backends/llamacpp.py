@@ -2,7 +2,8 @@
 
 Facts this is built on (checked live against llama.cpp's server, build b11434): every chat
 response comes with `Connection: close` and a pooled socket reused afterwards fails at write, so
-each request gets a fresh connection (`force_close`); the exact prompt size comes from
+each request gets a fresh connection (the chat hop goes through http1.py, a client that costs little
+more than the connect); the exact prompt size comes from
 `POST /v1/chat/completions/input_tokens` (older builds: `/apply-template` + `/tokenize`); `/health`
 is 503 while loading; the context per slot is in `GET /props`. Closing our side of the connection
 cancels the generation and frees the slot within about a second.
@@ -21,20 +22,19 @@ import logging
 from typing import Any
 
 import aiohttp
-import yarl
 
 from .. import failures
 from ..ceiling import CrashCeilings
 from ..config import LlamaCppBackend as LlamaCppConfig
 from ..loopwatch import watch as loopwatch
 from ..protocols import PROTOCOLS
+from . import http1
 from .assemble import assemble, sse_objects
 from .base import AnswerStats, Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
 from .llamastream import ROUTER_ERROR, Watchdog, closer, first_data, guarded, noop
 from .prefix import Plan, SlotCache
 from .speed import Speeds
 
-_JSON = {"Content-Type": "application/json"}
 CHAT_PATH = "/v1/chat/completions"
 log = logging.getLogger("switchyard")
 
@@ -52,11 +52,10 @@ class LlamaCppBackend:
         self.cache = SlotCache(config.hot_for, pin=config.slot_affinity, speeds=self.speeds)
         self.url = config.url
         self.live_n_ctx: int | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._fresh: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # probes and token counts
+        self._http = http1.Client()  # the chat/messages/responses hop, per request
+        self._targets: dict[str, http1.Target] = {}  # url+path -> the request head, encoded once
         self._count_route: str | None = None  # which token-count API this server has
-        self._chat_url: yarl.URL | None = None
-        self._chat_base = ""
 
     def _new_session(self, force_close: bool) -> aiohttp.ClientSession:
         t = self.config.timeouts
@@ -76,18 +75,11 @@ class LlamaCppBackend:
             self._session = self._new_session(force_close=not self.config.keep_alive)
         return self._session
 
-    @property
-    def fresh_session(self) -> aiohttp.ClientSession:
-        """One connection per request, for the retry after a stale pooled socket."""
-        if self._fresh is None or self._fresh.closed:
-            self._fresh = self._new_session(force_close=True)
-        return self._fresh
-
-    async def _post(self, data: bytes, path: str = "/v1/chat/completions") -> aiohttp.ClientResponse:
+    async def _post(self, data: bytes, path: str = "/v1/chat/completions") -> http1.Response:
         began = asyncio.get_running_loop().time()
         try:
             return await self._send_to(data, path)
-        except aiohttp.ConnectionTimeoutError:
+        except http1.ConnectTimeout:
             stalled = loopwatch.stalled_since(began)
             if stalled < self.config.timeouts.connect / 2:
                 raise
@@ -96,26 +88,18 @@ class LlamaCppBackend:
                         self.name, stalled)
             return await self._send_to(data, path)
 
-    async def _send_to(self, data: bytes, path: str) -> aiohttp.ClientResponse:
+    async def _send_to(self, data: bytes, path: str) -> http1.Response:
         # Chat keeps calling `_send(data)` as before (tests wrap it); other protocols name their path.
         return await (self._send(data) if path == CHAT_PATH else self._send(data, path))
 
-    async def _send(self, data: bytes, path: str = "/v1/chat/completions") -> aiohttp.ClientResponse:
-        if path != CHAT_PATH:
-            url: Any = f"{self.url}{path}"
-        else:
-            if self._chat_url is None or self._chat_base != self.url:  # parsed once, not per request
-                self._chat_base = self.url
-                self._chat_url = yarl.URL(f"{self.url}{CHAT_PATH}")
-            url = self._chat_url
-        if not self.config.keep_alive:
-            return await self.session.post(url, data=data, headers=_JSON)
-        try:
-            return await self.session.post(url, data=data, headers=_JSON)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # A pooled socket the server had already closed fails before any response byte. Retry
-            # once on a fresh connection: if the server really died, that one is refused (a crash).
-            return await self.fresh_session.post(url, data=data, headers=_JSON)
+    async def _send(self, data: bytes, path: str = "/v1/chat/completions") -> http1.Response:
+        url = f"{self.url}{path}"
+        target = self._targets.get(url)
+        if target is None:  # parsed and encoded once per URL (retarget() may add one), not per request
+            target = self._targets[url] = http1.Target.post(url)
+        # With `keep_alive` a pooled socket the server already closed is retried once on a fresh
+        # connection inside the client; a server that really died refuses that one (a crash).
+        return await self._http.post(target, data, self.config.timeouts.connect, self.config.keep_alive)
 
     @property
     def context_window(self) -> int | None:
@@ -173,7 +157,7 @@ class LlamaCppBackend:
                         upstream = await self._assembled(resp)
                         upstream.settle = functools.partial(self._settled, plan)
                         return upstream
-                    chunks = resp.content.iter_any()
+                    chunks = resp.iter_any()
                     first = await first_data(chunks)
                     if not first:
                         raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "stream closed before any data")
@@ -186,7 +170,7 @@ class LlamaCppBackend:
                     raise
         except failures.UpstreamFailure:
             raise
-        except aiohttp.ConnectionTimeoutError as e:
+        except http1.ConnectTimeout as e:
             raise failures.UpstreamFailure(failures.Kind.TIMEOUT, self.name,
                                            f"could not connect within {t.connect:g}s") from e
         except TimeoutError as e:
@@ -242,7 +226,7 @@ class LlamaCppBackend:
         return {"slots": cache.memory.slots, "cache_hit_ratio": round(cache.cached_tokens / cache.prompt_tokens, 3),
                 "cache_prediction_error": cache.accuracy()}
 
-    async def _assembled(self, resp: aiohttp.ClientResponse) -> Upstream:
+    async def _assembled(self, resp: http1.Response) -> Upstream:
         events = sse_objects(await resp.read())
         resp.close()
         errors = [e for e in events if isinstance(e.get("error"), dict)]
@@ -411,9 +395,9 @@ class LlamaCppBackend:
         return ProbeResult(False, f"model {name} is {state}")
 
     async def close(self) -> None:
-        for s in (self._session, self._fresh):
-            if s is not None:
-                await s.close()
+        self._http.close()
+        if self._session is not None:
+            await self._session.close()
 
 
 async def router_models(url: str, timeout: float = 5.0) -> list[str] | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -17,11 +17,15 @@ from .. import failures
 ROUTER_ERROR = b"proxy error:"  # a router-mode parent's text when its child fails (b11434)
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 async def noop() -> None:
     return None
 
 
-def closer(resp: aiohttp.ClientResponse) -> Any:
+def closer(resp: Closable) -> Any:
     async def close() -> None:
         # Closing (not releasing) drops the TCP connection: llama.cpp cancels the generation.
         resp.close()
@@ -42,7 +46,7 @@ class Watchdog:
     """Idle and total limits of a stream, for the price of one timer per stream (not per chunk):
     each chunk only stamps the time; the timer closes the response when a limit passes."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, idle: float, total: float) -> None:
+    def __init__(self, resp: Closable, idle: float, total: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.resp, self.idle = resp, idle
         self.last = self.loop.time()
