@@ -140,7 +140,9 @@ def opencode_turn(chars: int, *, model: str = "auto", stream: bool = True, seed:
 def small_turn(model: str, stream: bool) -> dict[str, Any]:
     """The load runs' request: a short opencode-style turn (~1.3 KB), the proxies' fixed cost dominates."""
     body: dict[str, Any] = {
-        "model": model, "max_tokens": 1024, "stream": stream,
+        # Non-streamed: the canned answer's 38 tokens, so a gateway that asks a token server for them as a
+        # stream (Switchyard's local path, decisions #40) gets 38 events, as from llama-server; streamed: 200.
+        "model": model, "max_tokens": 1024 if stream else 38, "stream": stream,
         "messages": [
             {"role": "system", "content": SYSTEM[:900]},
             {"role": "user", "content": "In gateway/relay.py, why does a stream that ends without [DONE] still "

@@ -221,6 +221,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     cont = [r for r in local_turns if not r["label"].endswith(" turn 1") and not r.get("after_compaction")]
     cached = sum(r["cached"] for r in cont)
     prompt = sum(r["prompt_tokens"] for r in cont)
+    # What a perfect scheduler could have reused: the previous turn's prompt and answer (the new user
+    # message and tool results must be prefilled whatever the scheduling).
+    previous: dict[str, dict[str, Any]] = {}
+    reusable = 0
+    for r in turns:
+        convo = r["label"].rsplit(" turn ", 1)[0]
+        before = previous.get(convo)
+        if r in cont and before is not None and before.get("prompt_tokens"):
+            reusable += min(r["prompt_tokens"], before["prompt_tokens"] + (before.get("tokens_out") or 0))
+        previous[convo] = r
     ttfts = [r["ttft"] for r in turns if r.get("ttft") is not None]
     errors = [abs(r["predicted"] - r["ttft"]) / r["ttft"] for r in rows
               if r.get("predicted") is not None and r.get("ttft") and r["stream"] and not r.get("failover")]
@@ -229,6 +239,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "interactive_turns": len(turns),
         "continuing_turns_on_local": len(cont),
         "cache_share_continuing_turns": round(cached / prompt, 3) if prompt else None,
+        "cache_share_of_reusable": round(cached / reusable, 3) if reusable else None,
         "turns_on_hosted": sum(1 for r in turns if r.get("backend") == "hosted"),
         "ttft_p50_s": _pct(ttfts, 0.5),
         "ttft_p95_s": _pct(ttfts, 0.95),

@@ -21,11 +21,13 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
 
 
 def table(summaries: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["| variant | cache share, continuing turns | TTFT p50 | TTFT p95 | turns on hosted | hosted requests "
-             "(prompt tokens) | median TTFT prediction error |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | from cache, continuing turns | of what was reusable | TTFT p50 | TTFT p95 | turns on hosted "
+             "| hosted requests (prompt tokens) | median TTFT prediction error |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, s in summaries.items():
         lines.append(
             f"| {variant} | {_f(s['cache_share_continuing_turns'], '{:.0%}')} ({s['continuing_turns_on_local']} turns) "
+            f"| {_f(s.get('cache_share_of_reusable'), '{:.0%}')} "
             f"| {_f(s['ttft_p50_s'])} s | {_f(s['ttft_p95_s'])} s | {s['turns_on_hosted']}/{s['interactive_turns']} "
             f"| {s['hosted_requests']} ({s['hosted_prompt_tokens']:,}) "
             f"| {_f(s['prediction_error_median'], '{:.0%}')} (n={s['predictions']}) |")

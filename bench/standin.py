@@ -35,6 +35,10 @@ from bench.http1 import head_fields
 STREAM_CHUNKS = 200
 MODEL = "gpt-5-nano"
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+# A chat stream has as many token events as the request's max_tokens allows (at most STREAM_CHUNKS), as a
+# token server's would: a non-streamed local request that the gateway turns into a stream (decisions #40)
+# asks for the canned answer's 38 tokens, and gets them as 38 events, not 200.
+_MAX_TOKENS_RE = re.compile(rb'"max_tokens"\s*:\s*(\d+)')
 
 
 def _completion() -> bytes:
@@ -53,18 +57,18 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _stream_events() -> list[bytes]:
+def _stream_events(chunks: int = STREAM_CHUNKS) -> list[bytes]:
     base = {"id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk",
             "created": 1764000000, "model": MODEL, "system_fingerprint": "b11434"}
     words = "the quick brown fox jumps over a lazy dog while code compiles and tests pass".split()
     events = [_sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None}]})]
-    for i in range(STREAM_CHUNKS - 2):
+    for i in range(chunks - 2):
         events.append(_sse({**base, "choices": [{"index": 0, "delta": {"content": words[i % len(words)] + " "},
                                                   "finish_reason": None}]}))
     events.append(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-    events.append(_sse({**base, "choices": [], "usage": {"prompt_tokens": 412, "completion_tokens": STREAM_CHUNKS - 1,
-                                                         "total_tokens": 412 + STREAM_CHUNKS - 1}}))
+    events.append(_sse({**base, "choices": [], "usage": {"prompt_tokens": 412, "completion_tokens": chunks - 1,
+                                                         "total_tokens": 412 + chunks - 1}}))
     events.append(b"data: [DONE]\n\n")
     return events
 
@@ -109,6 +113,19 @@ def _chunked(events: list[bytes]) -> list[bytes]:
 COMPLETION = _completion()
 EVENTS = _stream_events()
 EVENTS_CHUNKED = _chunked(EVENTS)
+_SHORT: dict[int, tuple[list[bytes], list[bytes]]] = {}
+
+
+def _chat_events(body: bytes) -> tuple[list[bytes], list[bytes]]:
+    """(events, events chunk-framed) for this request: max_tokens of them, at most STREAM_CHUNKS."""
+    m = _MAX_TOKENS_RE.search(body)
+    n = max(3, min(STREAM_CHUNKS, int(m.group(1)))) if m else STREAM_CHUNKS
+    if n == STREAM_CHUNKS:
+        return EVENTS, EVENTS_CHUNKED
+    if n not in _SHORT:
+        events = _stream_events(n)
+        _SHORT[n] = (events, _chunked(events))
+    return _SHORT[n]
 RESPONSE, RESPONSE_EVENTS = _responses()
 RESPONSE_EVENTS_CHUNKED = _chunked(RESPONSE_EVENTS)
 _CHAT = (b"/v1/chat/completions", b"/chat/completions")
@@ -191,7 +208,8 @@ class Conn(asyncio.Protocol):
             responses = path in _RESPONSES
             if srv.delay or stream:
                 self.busy = True
-                asyncio.get_running_loop().create_task(self._slow(stream, version, close, responses))
+                events = _chat_events(body) if stream and not responses else None
+                asyncio.get_running_loop().create_task(self._slow(stream, version, close, responses, events))
                 return
             t.write(_response("200 OK", RESPONSE if responses else COMPLETION, close=close))
         elif path == b"/v1/chat/completions/input_tokens":
@@ -215,16 +233,18 @@ class Conn(asyncio.Protocol):
             self.closing = True
             t.close()
 
-    async def _slow(self, stream: bool, version: bytes, close: bool, responses: bool = False) -> None:
+    async def _slow(self, stream: bool, version: bytes, close: bool, responses: bool = False,
+                    events: tuple[list[bytes], list[bytes]] | None = None) -> None:
         srv = self.server
         srv.inflight += 1
         srv.max_inflight = max(srv.max_inflight, srv.inflight)
         try:
-            await self._slow_answer(stream, version, close, responses)
+            await self._slow_answer(stream, version, close, responses, events or (EVENTS, EVENTS_CHUNKED))
         finally:
             srv.inflight -= 1
 
-    async def _slow_answer(self, stream: bool, version: bytes, close: bool, responses: bool) -> None:
+    async def _slow_answer(self, stream: bool, version: bytes, close: bool, responses: bool,
+                           events: tuple[list[bytes], list[bytes]]) -> None:
         t = self.transport
         if self.server.delay:
             await asyncio.sleep(self.server.delay)
@@ -234,14 +254,14 @@ class Conn(asyncio.Protocol):
             t.write(_response("200 OK", RESPONSE if responses else COMPLETION, close=close))
         elif version == b"HTTP/1.0":  # no chunked encoding in 1.0: the body ends with the connection
             t.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n")
-            for e in RESPONSE_EVENTS if responses else EVENTS:
+            for e in RESPONSE_EVENTS if responses else events[0]:
                 t.write(e)
             close = True
         else:
             t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                     b"Transfer-Encoding: chunked" + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n")
             # one write (one send) per event, as a token server emits them
-            for e in RESPONSE_EVENTS_CHUNKED if responses else EVENTS_CHUNKED:
+            for e in RESPONSE_EVENTS_CHUNKED if responses else events[1]:
                 t.write(e)
             t.write(b"0\r\n\r\n")
         if close:

@@ -112,7 +112,7 @@ class Decider:
         self.load: Callable[[str], tuple[int, int]] = lambda _name: (0, 0)
         # ...and how many service times a request would wait there (an interactive turn overtakes waiting
         # background tasks and pre-empts a preemptible holder: those are not ahead of it).
-        self.ahead: Callable[[str, bool], int] = lambda _name, _interactive: 0
+        self.ahead: Callable[[str, bool], tuple[int, int]] = lambda _name, _interactive: (0, 0)
         # ...and how long a backend's own rate limit would hold a request now (its `rate_limit_per_minute`).
         self.pacing: Callable[[str], float] = lambda _name: 0.0
         self.pins = SessionPins()
@@ -240,7 +240,7 @@ class Decider:
                 # never pin a session on an estimate (made when the server could not count, e.g. down)
                 outgrown = outgrown or (backend.free and fit.method != "estimate")
                 continue
-            estimate = backend.estimate(query, self.ahead(name, profile.interactive))
+            estimate = backend.estimate(query, *self.ahead(name, profile.interactive))
             if (pace := self.pacing(name)) and estimate.seconds is not None:
                 estimate = Estimate(estimate.seconds + pace, {**estimate.parts, "pacing_s": round(pace, 3)})
             estimates[name] = estimate

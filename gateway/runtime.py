@@ -61,11 +61,11 @@ def _pacing_view(limiters: Mapping[str, AsyncLimiter]) -> Callable[[str], float]
     return pacing
 
 
-def _ahead_view(queues: Mapping[str, SlotQueue]) -> Callable[[str, bool], int]:
-    """Read-only: service times an interactive (or background) request would wait at a backend now."""
-    def ahead(name: str, interactive: bool) -> int:
+def _ahead_view(queues: Mapping[str, SlotQueue]) -> Callable[[str, bool], tuple[int, int]]:
+    """Read-only: (service times it would wait, requests running beside it) for a request at a backend now."""
+    def ahead(name: str, interactive: bool) -> tuple[int, int]:
         q = queues.get(name)
-        return q.ahead(INTERACTIVE if interactive else BACKGROUND) if q is not None else 0
+        return q.ahead(INTERACTIVE if interactive else BACKGROUND) if q is not None else (0, 0)
 
     return ahead
 

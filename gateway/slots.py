@@ -133,14 +133,17 @@ class SlotQueue:
         finally:
             self.waiting -= 1
 
-    def ahead(self, priority: int) -> int:
-        """How many service times a request of this priority would wait now: the holders that will not
-        give way to it and the waiters served before it, beyond the free slots, per slot."""
+    def ahead(self, priority: int) -> tuple[int, int]:
+        """(rounds, alongside) for a request of this priority now: how many service times it waits — the
+        holders that will not give way to it and the waiters served before it, beyond the free slots, per
+        slot — and how many requests then run beside it on the server's other slots (sharing its compute)."""
         give_way = priority == INTERACTIVE
         blocking = sum(1 for h in self.holders if not (give_way and h.preemptible))
         waiting = sum(1 for p, _, _, fut in self._heap if p <= priority and not fut.done())
         over = blocking + waiting - self.capacity + 1
-        return 0 if over <= 0 else -(-over // self.capacity)
+        if over <= 0:
+            return 0, blocking + waiting
+        return -(-over // self.capacity), self.capacity - 1
 
     def _hold(self, lease: Lease) -> bool:
         self.holders.add(lease)

@@ -119,7 +119,7 @@ class ScriptedBackend:
     def learn(self, failure: failures.UpstreamFailure, tokens_in: int) -> None:
         self.learned.append((str(failure.kind), tokens_in))
 
-    def estimate(self, q: FitQuery, queued: int) -> Estimate:
+    def estimate(self, q: FitQuery, queued: int, alongside: int = 0) -> Estimate:
         return Estimate(self.predicted, {"queued": queued, "cached_tokens": self.cached})
 
     def evicts(self, q: FitQuery) -> str | None:

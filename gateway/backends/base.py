@@ -101,8 +101,9 @@ class Backend(Protocol):
 
     def learn(self, failure: UpstreamFailure, tokens_in: int) -> None: ...
 
-    def estimate(self, q: FitQuery, queued: int) -> Estimate:
-        """Time to first byte if sent now, `queued` service times after the requests ahead of it (per slot)."""
+    def estimate(self, q: FitQuery, queued: int, alongside: int = 0) -> Estimate:
+        """Time to first byte if sent now: `queued` service times after the requests ahead of it (per slot),
+        then running beside `alongside` others on the same server."""
 
     def evicts(self, q: FitQuery) -> str | None:
         """Why serving this now would throw away a warm conversation's cache (None: it would not)."""

@@ -247,7 +247,7 @@ class HostedBackend:
     def learn(self, failure: failures.UpstreamFailure, tokens_in: int) -> None:
         return None  # a provider reports its own limits
 
-    def estimate(self, q: FitQuery, queued: int) -> Estimate:
+    def estimate(self, q: FitQuery, queued: int, alongside: int = 0) -> Estimate:
         """A provider's recent time to first byte (it prefills far faster than our box)."""
         return Estimate(self.speeds.first_byte, {"recent_first_byte_s": self.speeds.first_byte})
 

@@ -195,7 +195,7 @@ class LlamaCppBackend:
         if isinstance(timings.get("predicted_per_second"), (int, float)):
             self.speeds.observe_decode(float(timings["predicted_per_second"]))
 
-    def estimate(self, q: FitQuery, queued: int) -> Estimate:
+    def estimate(self, q: FitQuery, queued: int, alongside: int = 0) -> Estimate:
         """Queue ahead (learned service time each) + uncached tokens at the learned prefill rate."""
         learned = self.cache.tokens_of(q.body)  # this server's bytes per token, once it has answered
         tokens = learned or q.size.estimate
@@ -205,8 +205,11 @@ class LlamaCppBackend:
         rate = speeds.prefill_rate(tokens)
         prefill = speeds.prefill_seconds(uncached, tokens)
         first_token = 1 / speeds.decode if speeds.decode else 0.0  # the first byte is the first token
+        if prefill is not None and alongside:  # slots share the server's compute: each runs at its share
+            prefill, first_token = prefill * (1 + alongside), first_token * (1 + alongside)
         queue_s = queued * (speeds.service or 0.0)
-        parts: dict[str, Any] = {"queued": queued, "queue_s": round(queue_s, 3), "tokens": tokens,
+        parts: dict[str, Any] = {"queued": queued, "queue_s": round(queue_s, 3), "alongside": alongside,
+                                 "tokens": tokens,
                                  "tokens_from": "learned bytes/token" if learned else "bytes",
                                  "cached_tokens": cached, "uncached_tokens": uncached,
                                  "prefill_tok_s": round(rate, 1) if rate else None,

@@ -98,17 +98,17 @@ async def test_what_is_ahead_of_a_turn_is_what_it_cannot_overtake() -> None:
     from gateway.slots import BACKGROUND, INTERACTIVE, Lease, SlotQueue
 
     q = SlotQueue(1)
-    assert q.ahead(INTERACTIVE) == 0 and q.ahead(BACKGROUND) == 0  # idle
+    assert q.ahead(INTERACTIVE) == (0, 0) and q.ahead(BACKGROUND) == (0, 0)  # idle
     task = Lease(BACKGROUND, preemptible=True)
     assert await q.acquire(task, 1)
-    assert q.ahead(INTERACTIVE) == 0  # a preemptible task gives way at once
-    assert q.ahead(BACKGROUND) == 1
+    assert q.ahead(INTERACTIVE) == (0, 0)  # a preemptible task gives way at once
+    assert q.ahead(BACKGROUND) == (1, 0)
     waiter = asyncio.create_task(q.acquire(Lease(BACKGROUND), 5))
     await asyncio.sleep(0)
-    assert q.ahead(INTERACTIVE) == 0 and q.ahead(BACKGROUND) == 2  # a turn overtakes waiting tasks
+    assert q.ahead(INTERACTIVE) == (0, 0) and q.ahead(BACKGROUND) == (2, 0)  # a turn overtakes waiting tasks
     q.release(task)
     await waiter
-    assert q.ahead(INTERACTIVE) == 1  # a task that does not give way: one service time
+    assert q.ahead(INTERACTIVE) == (1, 0)  # a task that does not give way: one service time
 
 
 def _answered(cache: SlotCache, b: dict[str, Any], session: str, tokens: int) -> int:
@@ -173,3 +173,17 @@ def test_requests_sent_before_either_answered_take_different_slots() -> None:
     cache.reserve(first)  # on its way, not answered yet
     second = cache.plan(title, "chat")
     assert second.slot != first.slot
+
+
+async def test_on_a_server_with_free_slots_a_request_shares_its_compute() -> None:
+    from gateway.slots import BACKGROUND, INTERACTIVE, Lease, SlotQueue
+
+    q = SlotQueue(2)
+    assert await q.acquire(Lease(INTERACTIVE), 1)
+    assert q.ahead(BACKGROUND) == (0, 1)  # a free slot, but the running turn shares the server
+    backend = LlamaCppBackend("local", LlamaCppConfig(kind="llamacpp", url="http://127.0.0.1:1"))
+    backend.speeds.observe_prefill(1000, 1.0)
+    b = body("x" * 4000)
+    query = FitQuery(b, size_of(b"x" * 4000, b), 0)
+    alone, beside = backend.estimate(query, 0).seconds, backend.estimate(query, 0, 1).seconds
+    assert alone is not None and beside == 2 * alone
