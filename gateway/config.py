@@ -278,6 +278,9 @@ class Rule(Strict):
     min_saving: float = Field(
         0.0, ge=0, description="prefer: fastest moves a billed backend ahead of a free one only when it is "
         "predicted to answer at least this many seconds sooner")
+    spill_early: bool = Field(
+        False, description="keep the route's order, but move a backend whose predicted queue wait (the service "
+        "times ahead, learned) exceeds max_queue_wait behind the others at once, instead of waiting it out")
 
 
 class Signature(Strict):

@@ -253,6 +253,8 @@ class Decider:
             steps = _spare_warm_caches(self.backends, steps, query, notes)
         if rule.prefer == "fastest":
             steps = _fastest_first(steps, rule.min_saving, notes)
+        elif rule.spill_early:
+            steps = _spill_early(steps, estimates, notes)
         steps = self._stick(profile, policy, steps, outgrown, notes)
         if not steps:
             if too_big and not unavailable:
@@ -302,6 +304,18 @@ def _spare_warm_caches(backends: Mapping[str, Backend], steps: list[Step], q: Fi
             continue
         kept.append(step)
     return kept
+
+
+def _spill_early(steps: list[Step], estimates: Mapping[str, Estimate], notes: list[str]) -> list[Step]:
+    """`spill_early`: a backend predicted to keep the request queued past its max_queue_wait goes last now
+    (it would be spilled from after the whole wait anyway); it stays in the route as the last resort."""
+    late = [s for s in steps[:-1] if (estimates[s.backend].parts.get("queue_s") or 0.0) > s.max_queue_wait]
+    if not late:
+        return steps
+    for s in late:
+        notes.append(f"{s.backend} predicted queue {estimates[s.backend].parts['queue_s']:.1f}s "
+                     f"> {s.max_queue_wait:g}s: spilled early")
+    return [s for s in steps if s not in late] + late
 
 
 def _fastest_first(steps: list[Step], min_saving: float, notes: list[str]) -> list[Step]:

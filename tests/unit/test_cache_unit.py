@@ -187,3 +187,21 @@ async def test_on_a_server_with_free_slots_a_request_shares_its_compute() -> Non
     query = FitQuery(b, size_of(b"x" * 4000, b), 0)
     alone, beside = backend.estimate(query, 0).seconds, backend.estimate(query, 0, 1).seconds
     assert alone is not None and beside == 2 * alone
+
+
+async def test_spill_early_moves_a_backend_predicted_to_queue_too_long_behind_the_others(tmp_path: Any) -> None:
+    from gateway.backends.base import Estimate
+    from gateway.router import Router
+    from tests.unit.conftest import scripted_backends, scripted_settings
+    from tests.unit.test_decide_unit import chat, decide
+
+    policy = {"rules": [{"route": ["local", "hosted"], "spill_early": True, "max_queue_wait": 2}]}
+    settings = scripted_settings(tmp_path, policy)
+    backends = scripted_backends(settings)
+    r = Router.build(settings, backends)
+    for queue_s, first in ((1.0, "local"), (8.0, "hosted")):
+        backends["local"].estimate = (  # type: ignore[method-assign]
+            lambda q, queued, alongside=0, s=queue_s: Estimate(s + 1, {"queue_s": s}))
+        route = await decide(r, chat())
+        assert [s.backend for s in route.steps] == ([first, "local"] if first == "hosted" else ["local", "hosted"])
+    assert "spilled early" in route.reason
