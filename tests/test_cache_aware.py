@@ -103,6 +103,35 @@ async def test_with_two_slots_the_title_gets_its_own_slot(llama_artifacts: Artif
         llama.stop()
 
 
+async def test_two_chats_sharing_a_system_prompt_keep_a_slot_each(llama_artifacts: Artifacts, tmp_path: Path,
+                                                                    make_gateway: GatewayFactory) -> None:
+    """Two Open WebUI users, same system prompt, turns alternating on a two-slot server: each keeps its cache.
+    (A prompt that shares only the system prompt with a hot chat must not be pinned to that chat's slot.)"""
+    llama = server(llama_artifacts, tmp_path, "--cache-ram", "0", "-np", "2")
+    try:
+        gw = await make_gateway(llama.url)
+        local = gw.runtime.backends["local"]
+        object.__setattr__(local.config, "context_limit", 2048)  # -np 2: each slot gets n_ctx/2
+        await gw.runtime.refresh_all()
+        assert local.report()["slots"] == 2
+        chats = {c: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{c}: {QUESTION}"}]
+                 for c in ("chat-a", "chat-b")}
+        second: dict[str, Any] = {}
+        for i in range(2):
+            for chat, history in chats.items():
+                resp = await gw.chat(turn(history) | {"max_tokens": 8}, {"X-OpenWebUI-Chat-Id": chat})
+                assert resp.status == 200
+                await resp.read()
+                history += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": f"More ({i})"}]
+                if i == 1:
+                    second[chat] = gw.last
+        for chat, d in second.items():
+            assert d.cached_tokens is not None and d.cached_tokens >= 0.9 * d.prompt_tokens, (
+                chat, d.cached_tokens, d.prompt_tokens)
+    finally:
+        llama.stop()
+
+
 async def test_a_session_that_lived_through_a_crash_is_back_on_local_within_one_turn(
         own_llama: LlamaServer, make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(own_llama.url)

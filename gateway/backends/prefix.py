@@ -74,20 +74,26 @@ class SlotMemory:
         return int(held.tokens * held.prefix.sizes[n - 1] / held.prefix.sizes[-1])
 
     def choose(self, prefix: Prefix, hot_for: float) -> tuple[int, int, int]:
-        """(slot, cached tokens predicted, hot tokens it would throw away) for the best slot: the most
-        reused minus what a still-hot conversation would lose (a prompt that shares only a system prompt
-        with a hot chat must not land on it), then a free slot, then the least recently used."""
+        """(slot, cached tokens predicted, hot tokens it would throw away) for the best slot. A slot whose
+        conversation is still hot is only taken by that conversation's next turn while another slot is
+        free or cold: a prompt that shares only a system prompt with a hot chat would otherwise alternate
+        with it on one slot, each re-prefilling the other's turns forever. Then the most reused (minus,
+        when every slot is hot, what its conversation would lose), a free slot, the least recently used."""
         now = time.monotonic()
-        best: tuple[tuple[int, bool, float], int, int, int] | None = None
+        best: tuple[tuple[bool, int, bool, float], int, int, int] | None = None
         for slot in range(max(1, self.slots)):
             held = self.held.get(slot)
             gain = lost = 0
+            own = True  # free, cold, or this conversation's own slot
             if held is not None:
                 gain = self.shared(prefix, held)
-                continues = prefix.common(held.prefix) == len(held.prefix.hashes)
-                if not continues and now - held.at <= hot_for:
+                common = prefix.common(held.prefix)
+                if common < len(held.prefix.hashes) and now - held.at <= hot_for:
                     lost = held.tokens - gain
-            key = (gain - lost, held is None, -(held.at if held else 0.0))
+                    # past the first message (the system prompt every chat of a client shares) it is the
+                    # same conversation branching (an edited or regenerated turn): its own slot
+                    own = common >= 2
+            key = (own, gain - lost, held is None, -(held.at if held else 0.0))
             if best is None or key > best[0]:
                 best = (key, slot, gain, lost)
         assert best is not None

@@ -205,3 +205,14 @@ async def test_spill_early_moves_a_backend_predicted_to_queue_too_long_behind_th
         route = await decide(r, chat())
         assert [s.backend for s in route.steps] == ([first, "local"] if first == "hosted" else ["local", "hosted"])
     assert "spilled early" in route.reason
+
+
+def test_an_edited_last_turn_stays_on_its_conversations_slot() -> None:
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    history = [system, {"role": "user", "content": "a" * 4000}, {"role": "assistant", "content": "b" * 400},
+               {"role": "user", "content": "first wording"}]
+    cache = SlotCache(hot_for=300)
+    cache.memory.slots = 2
+    slot = _answered(cache, {"messages": history}, "A", 1200)
+    edited = cache.plan({"messages": [*history[:3], {"role": "user", "content": "second wording"}]}, "A")
+    assert edited.slot == slot and edited.predicted_cached > 1000
