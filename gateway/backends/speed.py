@@ -2,10 +2,11 @@
 
 llama.cpp reports per response `timings` (`prompt_n` tokens prefilled in `prompt_ms`,
 `predicted_per_second`); providers show their time to first byte. Rates fall with prompt length
-(attention grows with it), so prefill is learned per prompt-length band. Each figure is an
-exponentially decayed average — recent answers count most, so the rates follow a machine that
-gets busier or a provider that slows down — and the whole book is persisted under the data dir so
-a restart starts informed.
+(attention grows with it), so prefill is learned per prompt-length band. Each figure is the median
+of its last few samples — recent answers only, so the rates follow a machine that gets busier or a
+provider that slows down within a few requests, and one answer slowed by a burst elsewhere on the box
+does not move it (an average did: one 1.8 s outlier put the next three predictions 60-145 % off on
+the replay) — and the whole book is persisted under the data dir so a restart starts informed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import tempfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 log = logging.getLogger("switchyard")
 
 BANDS = (1024, 4096, 16384, 65536)  # upper bounds of prompt-length bands (tokens); the last is open
-ALPHA = 0.3  # weight of the newest sample
+WINDOW = 7  # samples each figure is the median of
 # A rate is learned from real prefills only: a turn that continues a cached prefix processes a few dozen
 # tokens in one small batch against a long context, slower per token and mostly fixed cost (measured on
 # SmolLM2 here: 66 new tokens after 1,100 cached took 1.6 s, 1,123 cold tokens 9.7 s). That fixed part is
@@ -36,10 +39,6 @@ def band_of(tokens: int) -> int:
     return len(BANDS)
 
 
-def _ewma(old: float | None, new: float) -> float:
-    return new if old is None else old + ALPHA * (new - old)
-
-
 @dataclass
 class Speeds:
     prefill: dict[int, float] = field(default_factory=dict)  # band -> tokens/s
@@ -50,6 +49,15 @@ class Speeds:
     overhead: float | None = None  # seconds a prefill takes beyond its tokens at the band's rate
     bytes_per_token: float | None = None  # message bytes per prompt token, as this server counts (sizing.py)
     tool_tokens: float | None = None  # tokens the tool schemas add to a prompt (0 where the template drops them)
+    _recent: dict[str, deque[float]] = field(default_factory=dict, repr=False, compare=False)
+
+    def _median(self, key: str, old: float | None, new: float) -> float:
+        """The figure after this sample: the median of the last WINDOW (seeded with the persisted value)."""
+        window = self._recent.get(key)
+        if window is None:
+            window = self._recent[key] = deque([] if old is None else [old], maxlen=WINDOW)
+        window.append(new)
+        return statistics.median(window)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if seconds <= 0 or tokens <= 0:
@@ -58,12 +66,12 @@ class Speeds:
             b = band_of(tokens)
             # the fixed part is counted once, in `overhead`: the rate is what the tokens themselves take
             work = max(seconds - (self.overhead or 0.0), seconds / 2)
-            self.prefill[b] = _ewma(self.prefill.get(b), tokens / work)
+            self.prefill[b] = self._median(f"prefill{b}", self.prefill.get(b), tokens / work)
             self.samples += 1
             return
         rate = self.prefill_rate(tokens)
         if rate:  # a small batch: what it took beyond its tokens at the rate is the fixed part
-            self.overhead = _ewma(self.overhead, max(0.0, seconds - tokens / rate))
+            self.overhead = self._median("overhead", self.overhead, max(0.0, seconds - tokens / rate))
 
     def prefill_seconds(self, uncached: int, total: int) -> float | None:
         """Time to prefill `uncached` new tokens of a `total`-token prompt (the rest from the cache)."""
@@ -74,16 +82,16 @@ class Speeds:
 
     def observe_decode(self, per_second: float) -> None:
         if per_second > 0:
-            self.decode = _ewma(self.decode, per_second)
+            self.decode = self._median("decode", self.decode, per_second)
 
     def observe_first_byte(self, seconds: float) -> None:
         if seconds >= 0:
-            self.first_byte = _ewma(self.first_byte, seconds)
+            self.first_byte = self._median("first_byte", self.first_byte, seconds)
             self.samples += 1
 
     def observe_service(self, seconds: float) -> None:
         if seconds >= 0:
-            self.service = _ewma(self.service, seconds)
+            self.service = self._median("service", self.service, seconds)
 
     def prefill_rate(self, tokens: int) -> float | None:
         """tokens/s for a prompt of this length: its band's figure, else the nearest band's."""

@@ -216,3 +216,18 @@ def test_an_edited_last_turn_stays_on_its_conversations_slot() -> None:
     slot = _answered(cache, {"messages": history}, "A", 1200)
     edited = cache.plan({"messages": [*history[:3], {"role": "user", "content": "second wording"}]}, "A")
     assert edited.slot == slot and edited.predicted_cached > 1000
+
+
+def test_one_answer_slowed_by_a_burst_elsewhere_does_not_move_the_learned_figures() -> None:
+    from gateway.backends.speed import Speeds
+
+    s = Speeds()
+    s.observe_prefill(1000, 4.0)  # 250 tok/s
+    for _ in range(4):
+        s.observe_prefill(65, 0.36)  # cached turns: ~0.1 s fixed part
+    before = s.overhead
+    s.observe_prefill(66, 1.84)  # one turn that shared the box with a test run
+    assert before is not None and s.overhead == before
+    for _ in range(4):  # but a box that stays slower is followed within a few answers
+        s.observe_prefill(66, 1.84)
+    assert s.overhead is not None and s.overhead > 1.0
