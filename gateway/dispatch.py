@@ -179,7 +179,8 @@ class Dispatcher:
         now = time.monotonic()
         first_byte = (walk.decision.first_byte_ms - walk.decision.queue_wait_ms) / 1000
         ok = outcome.failure is None and not outcome.client_gone
-        stats = AnswerStats(first_byte, now - walk.started - first_byte, outcome.usage, outcome.timings, ok)
+        stats = AnswerStats(first_byte, now - walk.started - first_byte, outcome.usage, outcome.timings, ok,
+                            conversation=walk.profile.interactive)  # main, subagent: the next turn continues it
         if ok:
             speeds = self.speeds.of(name)
             speeds.observe_first_byte(max(0.0, first_byte))

@@ -69,6 +69,7 @@ class AnswerStats:
     usage: dict[str, Any] | None
     timings: dict[str, Any] | None
     ok: bool
+    conversation: bool = True  # a turn whose prompt the next turn continues (not a task's one-off prompt)
 
 
 @dataclass(slots=True)

@@ -187,7 +187,7 @@ class LlamaCppBackend:
         if not stats.ok:
             return
         if plan is not None:
-            self.cache.settled(plan, stats.usage, stats.timings)
+            self.cache.settled(plan, stats.usage, stats.timings, stats.conversation)
         timings = stats.timings or {}
         prompt_n, prompt_ms = timings.get("prompt_n"), timings.get("prompt_ms")
         if isinstance(prompt_n, int) and isinstance(prompt_ms, (int, float)):

@@ -58,6 +58,11 @@ class Held:
     tokens: int  # the prompt's tokens as the server counted them
     session: str | None
     at: float = field(default_factory=time.monotonic)
+    conversation: bool = True  # a turn's prompt, which its next turn continues (a task's is never reused)
+
+    def hot(self, now: float, hot_for: float) -> bool:
+        """Worth keeping: a conversation used within `hot_for` (a task's prompt never is)."""
+        return self.conversation and now - self.at <= hot_for
 
 
 @dataclass
@@ -88,7 +93,7 @@ class SlotMemory:
             if held is not None:
                 gain = self.shared(prefix, held)
                 common = prefix.common(held.prefix)
-                if common < len(held.prefix.hashes) and now - held.at <= hot_for:
+                if common < len(held.prefix.hashes) and held.hot(now, hot_for):
                     lost = held.tokens - gain
                     # past the first message (the system prompt every chat of a client shares) it is the
                     # same conversation branching (an edited or regenerated turn): its own slot
@@ -110,10 +115,10 @@ class SlotMemory:
 
     def hot(self, slot: int, hot_for: float) -> Held | None:
         held = self.held.get(slot)
-        return held if held is not None and time.monotonic() - held.at <= hot_for else None
+        return held if held is not None and held.hot(time.monotonic(), hot_for) else None
 
-    def remember(self, slot: int, prefix: Prefix, tokens: int, session: str | None) -> None:
-        self.held[slot] = Held(prefix, tokens, session)
+    def remember(self, slot: int, prefix: Prefix, tokens: int, session: str | None, conversation: bool = True) -> None:
+        self.held[slot] = Held(prefix, tokens, session, conversation=conversation)
 
     def score(self, predicted: int, actual: int) -> None:
         self.errors.append(abs(predicted - actual) / max(actual, 1))
@@ -192,7 +197,8 @@ class SlotCache:
         who = f"{held.session}'s" if held.session else "a conversation's"
         return f"keeps {who} {held.tokens:,} cached tokens warm"
 
-    def settled(self, plan: Plan, usage: dict[str, Any] | None, timings: dict[str, Any] | None) -> int | None:
+    def settled(self, plan: Plan, usage: dict[str, Any] | None, timings: dict[str, Any] | None,
+                conversation: bool = True) -> int | None:
         """Learn from the answer; returns llama.cpp's actual cached tokens when it said."""
         timings = timings or {}
         cache_n = timings.get("cache_n")
@@ -201,7 +207,7 @@ class SlotCache:
         if tokens is None and isinstance(cache_n, int) and isinstance(prompt_n, int):
             tokens = cache_n + prompt_n
         if isinstance(tokens, int) and tokens > 0:
-            self.memory.remember(plan.slot, plan.prefix, tokens, plan.session)
+            self.memory.remember(plan.slot, plan.prefix, tokens, plan.session, conversation)
             self.prompt_tokens += tokens
             self.sizer.learn(plan.prefix, plan.base, tokens)
         if isinstance(cache_n, int):

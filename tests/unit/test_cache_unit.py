@@ -231,3 +231,19 @@ def test_one_answer_slowed_by_a_burst_elsewhere_does_not_move_the_learned_figure
     for _ in range(4):  # but a box that stays slower is followed within a few answers
         s.observe_prefill(66, 1.84)
     assert s.overhead is not None and s.overhead > 1.0
+
+
+def test_a_tasks_prompt_is_not_a_conversation_to_keep_warm() -> None:
+    cache = SlotCache(hot_for=300)
+    cache.memory.slots = 2
+    chat_a = body("a" * 4000)
+    plan = cache.plan(chat_a, "A")
+    cache.settled(plan, {"prompt_tokens": 1000}, {"cache_n": 0, "prompt_n": 1000})
+    title = body("### Task: title " + "t" * 4400)
+    tplan = cache.plan(title, "A")
+    assert tplan.slot != plan.slot
+    cache.settled(tplan, {"prompt_tokens": 1100}, {"cache_n": 0, "prompt_n": 1100}, conversation=False)
+    chat_b = cache.plan(body("b" * 4000), "B")  # every slot used recently, but only one holds a conversation
+    assert chat_b.slot == tplan.slot and chat_b.lost == 0
+    tags = body("### Task: tags")
+    assert cache.plan(tags, "A").slot == tplan.slot and cache.evicts(tags, "A") is None  # chat A's slot is spared
