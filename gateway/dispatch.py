@@ -23,7 +23,7 @@ from aiohttp import web
 from aiolimiter import AsyncLimiter
 
 from . import catalog, failures
-from .backends.base import AnswerStats, Backend, Upstream
+from .backends.base import TASK, AnswerStats, Backend, Upstream
 from .backends.speed import SpeedBook
 from .breaker import CircuitBreaker
 from .classify import RequestProfile
@@ -53,7 +53,13 @@ class Walk:
 
     @property
     def forwarded(self) -> dict[str, str]:
-        return {h: self.req.headers[h] for h in _FORWARDED_HEADERS if h in self.req.headers}
+        """What a backend may use of the request's headers; plus our own TASK mark on background work
+        (llama.cpp's slot memory keeps a task's prompt apart from conversations). Backends read names
+        they know and send none of these on as they are."""
+        h = {h: self.req.headers[h] for h in _FORWARDED_HEADERS if h in self.req.headers}
+        if not self.profile.interactive:
+            h[TASK] = "1"
+        return h
 
     def moved_on(self, event: FailoverEvent) -> None:
         self.decision.failover.append(event)

@@ -60,6 +60,11 @@ class Estimate:
     parts: dict[str, Any]
 
 
+# Set by dispatch in the headers a backend is opened with when the request is background work (a title,
+# tags, a compaction): its prompt is answered once and never continued. Never sent upstream.
+TASK = "x-switchyard-task"
+
+
 @dataclass(frozen=True, slots=True)
 class AnswerStats:
     """What an answer showed, handed back to the backend that gave it (it learns from it)."""

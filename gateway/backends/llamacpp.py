@@ -30,7 +30,7 @@ from ..loopwatch import watch as loopwatch
 from ..protocols import PROTOCOLS
 from . import http1
 from .assemble import assemble, sse_objects
-from .base import AnswerStats, Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
+from .base import TASK, AnswerStats, Estimate, Fit, FitQuery, ProbeResult, Upstream, empty_rest
 from .llamastream import ROUTER_ERROR, Watchdog, closer, first_data, guarded, noop
 from .prefix import Plan, SlotCache
 from .speed import Speeds
@@ -126,7 +126,7 @@ class LlamaCppBackend:
         path = PROTOCOLS[protocol].path
         plan = None if native else self.cache.plan(body, headers.get("x-session-id"))
         if plan is not None:
-            self.cache.reserve(plan)
+            self.cache.reserve(plan, conversation=TASK not in headers)
         if plan is not None and plan.pin:  # several slots: the one holding this prefix, or one no hot one owns
             body, raw = {**body, "id_slot": plan.slot}, None
         if stream or native:

@@ -177,14 +177,14 @@ class SlotCache:
         prefix = self._fingerprint(body)
         return self.sizer.tokens(prefix, self.memory.base(prefix))
 
-    def reserve(self, plan: Plan) -> None:
+    def reserve(self, plan: Plan, conversation: bool = True) -> None:
         """The request is on its way to `plan.slot`: from now on the slot holds (is filling with) its prompt.
         Without this, two requests planned before either answered (a new chat's title and turn, a turn's
         tags and follow-ups) would both see the same free slot and queue there while the other idles."""
         tokens = self.sizer.tokens(plan.prefix, plan.base)
         if tokens is None:  # nothing learned yet: a typical 4 bytes per token is enough to compare slots
             tokens = (plan.prefix.tool_bytes + (plan.prefix.sizes[-1] if plan.prefix.sizes else 0)) // 4
-        self.memory.remember(plan.slot, plan.prefix, max(1, tokens), plan.session)
+        self.memory.remember(plan.slot, plan.prefix, max(1, tokens), plan.session, conversation)
 
     def evicts(self, body: dict[str, Any], session: str | None) -> str | None:
         """Why serving this request now would throw away a warm conversation's prefix, or None."""

@@ -247,3 +247,14 @@ def test_a_tasks_prompt_is_not_a_conversation_to_keep_warm() -> None:
     assert chat_b.slot == tplan.slot and chat_b.lost == 0
     tags = body("### Task: tags")
     assert cache.plan(tags, "A").slot == tplan.slot and cache.evicts(tags, "A") is None  # chat A's slot is spared
+
+
+def test_two_tasks_sent_together_share_the_task_slot_not_the_conversations() -> None:
+    cache = SlotCache(hot_for=300)
+    cache.memory.slots = 2
+    chat = body("a" * 4000)
+    cache.settled(cache.plan(chat, "A"), {"prompt_tokens": 1000}, {"cache_n": 0, "prompt_n": 1000})
+    tags = cache.plan(body("### Task: tags " + "a" * 4400), "A")
+    cache.reserve(tags, conversation=False)  # on its way to the free slot
+    follow_ups = cache.plan(body("### Task: follow-ups " + "a" * 4400), "A")
+    assert follow_ups.slot == tags.slot and cache.evicts(body("### Task: follow-ups"), "A") is None

@@ -223,3 +223,15 @@ async def test_every_answer_names_its_ledger_row(scripted: ScriptedFactory) -> N
     gw = await scripted()
     resp = await gw.chat(chat())
     assert resp.headers["x-switchyard-request-id"] == gw.last.id
+
+
+async def test_background_work_reaches_its_backend_marked_as_a_task(scripted: ScriptedFactory) -> None:
+    from gateway.backends.base import TASK
+
+    gw = await scripted()
+    title = {"model": "auto", "stream": False, "messages": [
+        {"role": "user", "content": "### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing"}]}
+    await gw.chat(title)
+    await gw.chat(chat())
+    task_call, turn_call = gw.runtime.backends["local"].calls[-2:]  # type: ignore[attr-defined]
+    assert task_call.headers.get(TASK) == "1" and TASK not in turn_call.headers
