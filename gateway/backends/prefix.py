@@ -86,7 +86,9 @@ class SlotMemory:
         when every slot is hot, what its conversation would lose), a free slot, the least recently used."""
         now = time.monotonic()
         best: tuple[tuple[bool, int, bool, float], int, int, int] | None = None
-        for slot in range(max(1, self.slots)):
+        # The held slots, and the first free one (free slots are all alike): not every slot of a wide server.
+        free = next((n for n in range(max(1, self.slots)) if n not in self.held), None)
+        for slot in [*self.held, *(() if free is None else (free,))]:
             held = self.held.get(slot)
             gain = lost = 0
             own = True  # free, cold, or this conversation's own slot
