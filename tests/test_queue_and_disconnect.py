@@ -52,6 +52,9 @@ async def test_waiter_that_times_out_leaves_no_trace() -> None:
 
 async def test_title_while_local_busy_is_queued_then_spilled(llama: LlamaServer, make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(llama.url)
+    # This is about the queue: with the default `hot_for` the title would not wait at all — the turn holds
+    # the slot for its conversation from the moment it is sent, and the title goes to hosted at once.
+    gw.runtime.backends["local"].cache.hot_for = 0  # type: ignore[attr-defined]
     long_turn = asyncio.create_task(gw.chat(chat_body("Write a long story about a ship.", max_tokens=400,
                                                       stream=True)))
     while gw.runtime.queues["local"].busy == 0:
