@@ -113,8 +113,8 @@ def agent_decisions(gw: Gateway, client: str) -> list[Any]:
 async def test_claude_code_turn_on_local(llama16k: LlamaServer, make_gateway: GatewayFactory, fake: FakeHosted,
                                          tmp_path: Path) -> None:
     # Claude Code reads stop_reason "max_tokens" as a failed turn ("exceeded the 32000 output token
-    # maximum"), so the clamp here leaves SmolLM2 room to end its answer itself.
-    gw = await agent_gateway(make_gateway, llama16k.url, fake, max_tokens=1024)
+    # maximum"), so the clamp here leaves SmolLM2 room to end its answer itself (1,024 was once not enough).
+    gw = await agent_gateway(make_gateway, llama16k.url, fake, max_tokens=2048)
     rc, out = await claude(gw, tmp_path, "claude-sonnet-4-5", "Reply with one word: hi")
     assert rc == 0, out[-2000:]
     decisions = agent_decisions(gw, "claude-code")
