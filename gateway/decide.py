@@ -242,7 +242,8 @@ class Decider:
                 continue
             estimate = backend.estimate(query, *self.ahead(name, profile.interactive))
             if (pace := self.pacing(name)) and estimate.seconds is not None:
-                estimate = Estimate(estimate.seconds + pace, {**estimate.parts, "pacing_s": round(pace, 3)})
+                estimate = Estimate(estimate.seconds + pace, {**estimate.parts, "pacing_s": round(pace, 3)},
+                                    estimate.wait + pace)
             estimates[name] = estimate
             steps.append(Step(name, queue_wait, backend.free, estimate.seconds))
         tokens = best.tokens if best else profile.tokens_in
@@ -309,11 +310,11 @@ def _spare_warm_caches(backends: Mapping[str, Backend], steps: list[Step], q: Fi
 def _spill_early(steps: list[Step], estimates: Mapping[str, Estimate], notes: list[str]) -> list[Step]:
     """`spill_early`: a backend predicted to keep the request queued past its max_queue_wait goes last now
     (it would be spilled from after the whole wait anyway); it stays in the route as the last resort."""
-    late = [s for s in steps[:-1] if (estimates[s.backend].parts.get("queue_s") or 0.0) > s.max_queue_wait]
+    late = [s for s in steps[:-1] if estimates[s.backend].wait > s.max_queue_wait]
     if not late:
         return steps
     for s in late:
-        notes.append(f"{s.backend} predicted queue {estimates[s.backend].parts['queue_s']:.1f}s "
+        notes.append(f"{s.backend} predicted queue {estimates[s.backend].wait:.1f}s "
                      f"> {s.max_queue_wait:g}s: spilled early")
     return [s for s in steps if s not in late] + late
 

@@ -58,6 +58,7 @@ class Estimate:
 
     seconds: float | None  # None: nothing learned yet
     parts: dict[str, Any]
+    wait: float = 0.0  # of `seconds`, the part spent waiting before the backend starts on it (queue, load)
 
 
 # Set by dispatch in the headers a backend is opened with when the request is background work (a title,

@@ -217,7 +217,7 @@ class LlamaCppBackend:
         if self.model_state == "unloaded" and self.load_seconds:  # router mode: this request loads the model
             queue_s += self.load_seconds
             parts["load_s"] = round(self.load_seconds, 3)
-        return Estimate(None if prefill is None else queue_s + prefill + first_token, parts)
+        return Estimate(None if prefill is None else queue_s + prefill + first_token, parts, queue_s)
 
     def evicts(self, q: FitQuery) -> str | None:
         return self.cache.evicts(q.body, q.session)

@@ -201,7 +201,7 @@ async def test_spill_early_moves_a_backend_predicted_to_queue_too_long_behind_th
     r = Router.build(settings, backends)
     for queue_s, first in ((1.0, "local"), (8.0, "hosted")):
         backends["local"].estimate = (  # type: ignore[method-assign]
-            lambda q, queued, alongside=0, s=queue_s: Estimate(s + 1, {"queue_s": s}))
+            lambda q, queued, alongside=0, s=queue_s: Estimate(s + 1, {"queue_s": s}, s))
         route = await decide(r, chat())
         assert [s.backend for s in route.steps] == ([first, "local"] if first == "hosted" else ["local", "hosted"])
     assert "spilled early" in route.reason
