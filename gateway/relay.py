@@ -71,7 +71,9 @@ async def relay_json(request: web.Request, upstream: Upstream, headers: dict[str
                      ) -> tuple[web.StreamResponse, Outcome]:
     """`usage_of` reads a non-chat protocol's answer (Messages, Responses) into chat usage counts."""
     outcome = Outcome(first_byte_s=time.monotonic() - started)
-    if usage_of is None:
+    if upstream.usage is not None:  # the backend assembled or translated it: already read
+        usage, outcome.timings = upstream.usage, upstream.timings
+    elif usage_of is None:
         usage, outcome.timings = _stats_from_json(upstream.first)
     else:
         usage = _usage_by(usage_of, upstream.first)

@@ -33,6 +33,7 @@ class Upstream:
     close: Callable[[], Awaitable[None]]
     usage: dict[str, Any] | None = None  # set by backends that see usage as objects (hosted)
     settle: Callable[[AnswerStats], None] | None = None  # the backend's own bookkeeping for this answer
+    timings: dict[str, Any] | None = None  # llama.cpp's, when the backend already read them (no re-parse)
 
 
 @dataclass(frozen=True, slots=True)

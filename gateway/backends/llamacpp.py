@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from .. import failures
+from .. import failures, wirejson
 from ..ceiling import CrashCeilings
 from ..config import LlamaCppBackend as LlamaCppConfig
 from ..loopwatch import watch as loopwatch
@@ -132,11 +132,11 @@ class LlamaCppBackend:
         if stream or native:
             # A native non-streamed answer is relayed whole (no assembler for those event formats):
             # llama.cpp cannot cancel it on hang-up, a cost only non-streaming callers pay.
-            data = raw if raw is not None else json.dumps(body).encode()
+            data = raw if raw is not None else wirejson.dumps(body)
         else:
             # llama.cpp cannot cancel a non-streamed generation when we hang up (llama.cpp #9273): ask
             # for a stream and assemble the answer, so closing frees the slot at once (assemble.py).
-            data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+            data = wirejson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
         t = self.config.timeouts
         cold = self.model_state == "unloaded"  # router mode: this request starts the model's child
         began = asyncio.get_running_loop().time()
@@ -238,7 +238,8 @@ class LlamaCppBackend:
         if not events:
             raise failures.UpstreamFailure(failures.Kind.CRASH, self.name, "answer closed before any data")
         answer = assemble(events)
-        return Upstream(200, json.dumps(answer).encode(), empty_rest(), noop, usage=answer.get("usage"))
+        return Upstream(200, wirejson.dumps(answer), empty_rest(), noop, usage=answer.get("usage"),
+                        timings=answer.get("timings"))
 
     async def fit(self, q: FitQuery) -> Fit:
         limits = [n for n in (self.context_window, q.ceiling) if n]

@@ -10,11 +10,11 @@ bytes — and the prediction is checked against llama.cpp's own `timings.cache_n
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import wirejson
 from .sizing import PromptSizer
 from .speed import Speeds
 
@@ -39,12 +39,12 @@ def fingerprint(body: dict[str, Any]) -> Prefix:
     h = hashlib.blake2b(digest_size=16)
     tool_bytes = 0
     if body.get("tools"):
-        tools = json.dumps(body["tools"], sort_keys=True).encode()
+        tools = wirejson.dumps(body["tools"], sort_keys=True)
         h.update(tools)
         tool_bytes = len(tools)
     hashes, sizes, total = [], [], 0
     for m in body.get("messages") or ():
-        piece = json.dumps(m, sort_keys=True, ensure_ascii=False).encode("utf-8", "replace")
+        piece = wirejson.dumps(m, sort_keys=True)
         h.update(piece)
         total += len(piece)
         hashes.append(h.copy().digest())
