@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORDER = ("direct", "nginx", "litellm_proxy", "switchyard_local", "switchyard_hosted", "switchyard_responses")
-LABELS = {"direct": "direct (no proxy)", "nginx": "nginx `proxy_pass`", "litellm_proxy": "LiteLLM proxy",
+ORDER = ("direct", "nginx", "relay_floor", "litellm_proxy", "switchyard_local", "switchyard_hosted",
+         "switchyard_responses")
+LABELS = {"direct": "direct (no proxy)", "nginx": "nginx `proxy_pass`",
+          "relay_floor": "plain aiohttp relay (local exchange only)", "litellm_proxy": "LiteLLM proxy",
           "switchyard_local": "**Switchyard local**", "switchyard_hosted": "**Switchyard hosted (chat relay)**",
           "switchyard_responses": "**Switchyard hosted (Responses)**"}
 # docs/performance.md keeps everything below this line across bench runs (before/after, designs).
@@ -218,6 +220,11 @@ the LiteLLM proxy venv are installed; `python -m bench.run --smoke` checks every
   and `/props` like llama-server, and under `/llama/` closes every chat connection as llama-server does.
 - **direct**: the load generator talks to the stand-in itself — the floor every "added" number is taken from.
 - **nginx**: `proxy_pass` with one worker, upstream keep-alive, `proxy_buffering off`.
+- **plain aiohttp relay** (`bench/floor.py`): what any aiohttp proxy in front of llama-server pays before
+  doing a proxy's work — the local path's upstream exchange and nothing else (a fresh connection per
+  request to the `/llama` routes, the answer asked for as a stream and, for a non-streamed request,
+  joined into one JSON; orjson, raw asyncio streams, uvloop; no classification, queue, breaker, ledger
+  or metrics). Switchyard local minus this row is Switchyard's own work.
 - **LiteLLM proxy** 1.110.2: one worker, no database, no master key, quiet logging (its own venv:
   `bench/tools.py` says why not `litellm[proxy]`).
 - **Switchyard local**: `switchyard serve`, model `local` = the llama.cpp byte relay (`embedded: false`,
@@ -303,7 +310,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     d = doc["derived"]
     ts = [t for t in _targets(doc)]
     names = [PLAIN[t].replace(" (no proxy)", "").replace(" proxy_pass", "").replace("Switchyard ", "Switchyard\n")
-             .replace("LiteLLM proxy", "LiteLLM\nproxy") for t in ts]
+             .replace("LiteLLM proxy", "LiteLLM\nproxy").replace(" (local exchange only)", "\n(exchange only)")
+             for t in ts]
     colors = ["#9e9e9e" if t == "direct" else "#1f77b4" if t.startswith("switchyard") else "#ff7f0e" for t in ts]
     panels = [
         ("Added p50 latency at C=1 (ms, log)", [max(d[t].get("added_p50_ms") or 0, 1e-3) for t in ts], True),
