@@ -153,7 +153,8 @@ async def test_a_stalled_event_loop_does_not_delay_a_commit(tmp_path: Path) -> N
     await led.stop()
 
 
-async def test_requests_finishing_within_the_batch_window_share_a_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_requests_finishing_within_the_batch_window_share_a_commit(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """One commit per request had cost 10 % of the local path's CPU: rows arriving within the batch
     window go in one transaction."""
     led = Ledger(tmp_path / "ledger.sqlite")
