@@ -214,6 +214,33 @@ async def test_request_is_the_one_litellm_sends(fake: FakeHosted, model: str) ->
     await b.close()
 
 
+async def test_a_messages_request_to_anthropic_is_the_one_litellm_sends(fake: FakeHosted) -> None:
+    """Messages to an `anthropic/*` model go out on our own session (litellm's streaming path for them
+    needs its proxy's extras): same URL, auth, version header and JSON body as
+    `litellm.anthropic_messages` sends for the same call (non-streamed, which litellm can do here)."""
+    litellm = load_litellm()
+    model = "anthropic/claude-haiku-4-5"
+    b = HostedBackend("hosted", LiteLLMBackend(kind="litellm", model=model, api_base=fake.url.removesuffix("/v1"),
+                                               api_key_env="TEST_HOSTED_KEY", session_header="x-opencode-session"))
+    call = {"max_tokens": 64, "system": "Be brief.", "temperature": 0.2, "metadata": {"user_id": "u1"},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Capital of France?"}]}],
+            "tools": [{"name": "read", "description": "Read a file",
+                       "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]}
+    await drain(await b.open({"model": "hosted", **call}, {"x-session-id": "s"}, False, protocol="messages"))
+    ours = fake.requests[-1]
+    await litellm.anthropic_messages(model=model, api_base=fake.url.removesuffix("/v1"),
+                                     api_key=os.environ["TEST_HOSTED_KEY"], stream=False,
+                                     extra_headers={"x-opencode-session": "s"}, **call)
+    theirs = fake.requests[-1]
+    assert ours.path == theirs.path == "/v1/messages"
+    assert {k: v for k, v in ours.json.items() if k != "stream"} == {k: v for k, v in theirs.json.items()
+                                                                     if k != "stream"}
+    assert not ours.json["stream"] and not theirs.json.get("stream")
+    for h in ("x-api-key", "anthropic-version", "x-opencode-session", "content-type"):
+        assert ours.headers[h] == theirs.headers[h], h
+    await b.close()
+
+
 # ---- Responses mode: the translation ------------------------------------------------------------
 
 def _responses_tool_events() -> list[dict[str, Any]]:

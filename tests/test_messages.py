@@ -1,6 +1,7 @@
 """Anthropic Messages inbound (what Claude Code speaks), with the real `anthropic` SDK:
-through the real llama-server (native /v1/messages, bytes through) and the fake hosted provider
-(through litellm's Anthropic adapter), streamed and not, usage present, errors in Anthropic's shape."""
+through the real llama-server (native /v1/messages, bytes through) and the fake hosted provider (as bytes
+to an `anthropic/*` model, through litellm's adapter to an OpenAI-only one), streamed and not, usage
+present, errors in Anthropic's shape."""
 
 from __future__ import annotations
 
@@ -76,10 +77,43 @@ async def test_messages_through_hosted_anthropic_provider(llama: LlamaServer, ma
     msg = await client.messages.create(model="hosted", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert msg.content[0].text.startswith("hosted says") and msg.usage.output_tokens > 0
     assert fake.requests[-1].path.endswith("/messages")
-    # Streamed to a native Anthropic provider, litellm 1.110.2 imports its proxy (redis and more):
-    # not a dependency here; streamed Messages to hosted are covered through the adapter below.
     d = gw.last
     assert d.backend == "hosted" and d.outcome == "ok" and d.tokens_out > 0 and d.cost > 0
+
+
+async def test_messages_streamed_to_a_native_anthropic_provider_are_relayed(
+        make_gateway: GatewayFactory, fake: FakeHosted, sdk_for: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Claude Code does against an `anthropic/*` hosted backend: a streamed Messages request. The
+    provider speaks Messages: its events go through as bytes, with litellm's URL and auth headers
+    (litellm's own streaming path here needs its proxy's extras, and failed)."""
+    monkeypatch.setenv("TEST_HOSTED_KEY", "sk-ant-test")
+    gw = await gateway_with_anthropic_hosted(make_gateway, "http://127.0.0.1:9", fake)
+    client = sdk_for(gw)
+    async with client.messages.stream(model="hosted", max_tokens=8, system="Be terse.",
+                                      messages=[{"role": "user", "content": "hi"}]) as stream:
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text.startswith("hosted says") and final.usage.output_tokens > 0
+    sent = fake.requests[-1]
+    assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == "sk-ant-test"
+    assert sent.headers.get("anthropic-version") and sent.json["model"] == "claude-haiku-4-5"
+    assert sent.json["stream"] is True and sent.json["system"] == "Be terse."
+    d = gw.last
+    assert d.backend == "hosted" and d.outcome == "ok" and d.stream and d.tokens_out > 0 and d.cost > 0
+
+
+async def test_a_native_anthropic_providers_400_reaches_the_caller_in_anthropics_shape(
+        make_gateway: GatewayFactory, fake: FakeHosted) -> None:
+    from tests.fake_hosted import Reply
+
+    fake.script(Reply.error(400, "messages: roles must alternate", type="invalid_request_error"))
+    gw = await gateway_with_anthropic_hosted(make_gateway, "http://127.0.0.1:9", fake)
+    r = await gw.client.post("/v1/messages", json={"model": "hosted", "max_tokens": 8, "stream": True,
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+    body = await r.json()
+    assert r.status == 400 and body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error" and "alternate" in body["error"]["message"]
+    assert not gw.runtime.breakers["hosted"]._failures  # the caller's fault, not the provider's
 
 
 async def test_messages_through_openai_hosted_keeps_anthropic_shape(llama: LlamaServer, make_gateway: GatewayFactory,

@@ -122,11 +122,15 @@ class HostedBackend:
 
     async def open(self, body: dict[str, Any], headers: dict[str, str], stream: bool,
                    raw: bytes | None = None, protocol: str = "chat") -> Upstream:
-        if protocol != "chat":  # Messages / Responses: litellm's adapters, in hosted_protocols.py
-            return await open_protocol(self, body, headers, stream, protocol)
         extra = self._extra_headers(headers)
         try:
-            req = self.wire.build(body, extra, stream)
+            if protocol == "chat":
+                req = self.wire.build(body, extra, stream)
+            else:  # Messages to a provider that speaks Messages: its bytes; else litellm's adapters
+                native = self.wire.messages(body, extra, stream) if protocol == "messages" else None
+                if native is None:
+                    return await open_protocol(self, body, headers, stream, protocol)
+                req = native
         except Exception as e:  # litellm refusing the request (unsupported param, bad shape)
             raise self._failure(e) from e
         if req.mode == "litellm":
@@ -140,7 +144,7 @@ class HostedBackend:
                     if not stream:
                         return self._whole(req, resp, await resp.read())
                     chunks = resp.content.iter_any()
-                    if req.mode == "chat":
+                    if req.mode in ("chat", "messages"):  # the caller's own protocol: bytes through
                         first = await anext(chunks, b"")
                         rest = _guarded(self.name, chunks)
                     else:
@@ -157,7 +161,7 @@ class HostedBackend:
             raise
         except Exception as e:
             raise failures.from_exception(self.name, e) from e
-        if req.mode == "chat":
+        if req.mode in ("chat", "messages"):
             return Upstream(200, first, rest, _closer(resp))
         upstream.first, upstream.rest = first, rest
         return upstream
@@ -171,7 +175,7 @@ class HostedBackend:
             return await self.fresh_session.post(req.url, data=req.body, headers=req.headers)
 
     def _whole(self, req: WireRequest, resp: aiohttp.ClientResponse, payload: bytes) -> Upstream:
-        if req.mode == "chat":
+        if req.mode in ("chat", "messages"):  # usage is read by the relay, in the caller's protocol
             return Upstream(200, payload, empty_rest(), _closer(resp))
         try:
             completion = response_to_completion(json.loads(payload), req.model)

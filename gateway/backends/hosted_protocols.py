@@ -1,7 +1,8 @@
 """A hosted provider spoken to in the caller's own protocol, through litellm's adapters.
 
-Anthropic Messages go through `litellm.anthropic_messages` (native to an Anthropic-compatible
-provider, translated by litellm's adapter for any other); Responses through `litellm.aresponses`
+Anthropic Messages go through `litellm.anthropic_messages` (translated by litellm's adapter for a
+provider that does not speak Messages; Anthropic itself is relayed as bytes, hosted.py and
+litellm_wire.py `messages`, decision 101); Responses through `litellm.aresponses`
 (native to OpenAI, bridged by litellm for others). Nothing here translates by hand: this module
 only turns what litellm hands back into the bytes the relay passes on — one JSON body, or SSE
 events in the protocol's own format — so a local->hosted failover keeps the client's protocol.

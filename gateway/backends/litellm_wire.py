@@ -3,7 +3,7 @@
 litellm stays the provider layer (which provider a model id means, its URL and auth headers, how
 OpenAI parameters map to it, which models need the Responses API); Switchyard sends the request
 and reads the answer itself, so no per-chunk object is ever built. The litellm entry points used
-here, and why they are stable enough to depend on, are listed in docs/decisions.md (entry 24):
+here, and why they are stable enough to depend on, are listed in docs/decisions.md (entries 50, 101):
 
   litellm.get_llm_provider                      model id -> (model, provider, key, base)
   litellm.utils.ProviderConfigManager           provider -> its chat / Responses config object
@@ -13,10 +13,14 @@ here, and why they are stable enough to depend on, are listed in docs/decisions.
   LiteLLMResponsesTransformationHandler.transform_request       chat request -> Responses request
   litellm.responses.utils.ResponsesAPIRequestUtils              Responses params, as aresponses() maps them
   <responses config>.validate_environment / get_complete_url / transform_responses_api_request
+  ProviderConfigManager.get_provider_anthropic_messages_config   Anthropic -> its Messages config
+  <messages config>.validate_anthropic_messages_environment / get_complete_url /
+      transform_anthropic_messages_request                      a Messages request as Anthropic gets it
 
-Three modes: `chat` (the provider speaks OpenAI chat completions: relay its bytes), `responses`
-(translate each Responses event, responses_sse.py) and `litellm` (anything else, e.g. Anthropic:
-litellm.acompletion end to end, at litellm's per-chunk cost).
+Four modes: `chat` (the provider speaks OpenAI chat completions: relay its bytes), `responses`
+(translate each Responses event, responses_sse.py), `messages` (a Messages caller and a provider that
+speaks Messages itself, Anthropic: relay its bytes) and `litellm` (anything else, e.g. a chat caller
+and Anthropic: litellm.acompletion end to end, at litellm's per-chunk cost).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Literal
 
 from ..config import LiteLLMBackend as LiteLLMConfig
 
-Mode = Literal["chat", "responses", "litellm"]
+Mode = Literal["chat", "responses", "messages", "litellm"]
 
 # Providers whose chat endpoint is OpenAI's wire format (their litellm config subclasses
 # OpenAIGPTConfig and litellm itself sends them through the OpenAI SDK or an OpenAI-shaped POST).
@@ -121,6 +125,32 @@ class ProviderWire:
         if mode == "responses":
             return self._responses(model, body, extra_headers, stream, include_usage)
         return WireRequest("litellm", model=model, include_usage=include_usage)
+
+    def messages(self, body: dict[str, Any], extra_headers: dict[str, str], stream: bool) -> WireRequest | None:
+        """A Messages request to a provider that speaks Messages itself (Anthropic), as litellm would send
+        it (URL, auth and version headers, its parameter rules); None for any other provider, which
+        goes through litellm's adapter (hosted_protocols.py). litellm's own streaming path for this
+        case needs its proxy's extras (redis, ...), which are not installed: streamed Messages to an
+        `anthropic/*` model failed before this relay."""
+        if self.provider != "anthropic":
+            return None
+        from litellm.types.router import GenericLiteLLMParams
+
+        cfg = self._manager.get_provider_anthropic_messages_config(model=self.model,
+                                                                  provider=self._providers(self.provider))
+        if cfg is None:
+            return None
+        optional = {k: v for k, v in body.items() if k not in ("model", "messages", "stream")}
+        lp = {"api_base": self.api_base, "api_key": self.api_key, "drop_params": True}
+        headers, api_base = cfg.validate_anthropic_messages_environment(
+            headers=dict(extra_headers), model=self.model, messages=body["messages"], optional_params=optional,
+            litellm_params=lp, api_key=self.api_key, api_base=self.api_base)
+        url = cfg.get_complete_url(api_base, self.api_key, self.model, optional, lp, stream=stream)
+        data = dict(cfg.transform_anthropic_messages_request(
+            model=self.model, messages=body["messages"], anthropic_messages_optional_request_params=optional,
+            litellm_params=GenericLiteLLMParams(**lp), headers=headers))
+        data["stream"] = stream
+        return WireRequest("messages", url, headers, json.dumps(data).encode(), self.model)
 
     def _chat(self, model: str, body: dict[str, Any], extra_headers: dict[str, str], stream: bool,
               include_usage: bool) -> WireRequest:
