@@ -12,8 +12,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from gateway.embedded import Artifacts, LlamaServer
-from tests.conftest import Gateway, GatewayFactory, wait_healthy
+from tests.conftest import Gateway, GatewayFactory, config_for, wait_healthy
+from tests.fake_hosted import FakeHosted
 from tests.test_resilience import until
 
 CHAT = "chat-cache-1"
@@ -128,6 +131,42 @@ async def test_two_chats_sharing_a_system_prompt_keep_a_slot_each(llama_artifact
         for chat, d in second.items():
             assert d.cached_tokens is not None and d.cached_tokens >= 0.9 * d.prompt_tokens, (
                 chat, d.cached_tokens, d.prompt_tokens)
+    finally:
+        llama.stop()
+
+
+async def test_identical_prompts_sent_together_run_on_both_slots(llama_artifacts: Artifacts, tmp_path: Path,
+                                                                  make_gateway: GatewayFactory,
+                                                                  fake: FakeHosted) -> None:
+    """The same prompt twice at once (a batch client, a retry): each runs on a slot of its own. Pinned
+    by `id_slot` to the slot holding that prompt, the second had waited there for the first's answer
+    while the other slot idled (llama-server's /slots says which are processing)."""
+    llama = server(llama_artifacts, tmp_path, "--cache-ram", "0", "-np", "2")
+    try:
+        cfg, _ = config_for(llama.url, fake.url)
+        cfg["backends"]["local"]["max_concurrency"] = 2  # the gateway lets both through to the server
+        gw = await make_gateway(llama.url, backends=cfg["backends"])
+        local = gw.runtime.backends["local"]
+        object.__setattr__(local.config, "context_limit", 2048)  # -np 2: each slot gets n_ctx/2
+        await gw.runtime.refresh_all()
+        assert local.report()["slots"] == 2
+        body = {"model": "local", "stream": True, "max_tokens": 128,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]}
+
+        async def ask() -> None:
+            resp = await gw.chat(body, {})
+            assert resp.status == 200
+            await resp.read()
+
+        asks = [asyncio.create_task(ask()) for _ in range(2)]
+        most = 0
+        async with aiohttp.ClientSession() as s:
+            while not all(t.done() for t in asks) and most < 2:
+                async with s.get(f"{llama.url}/slots") as r:
+                    most = max(most, sum(1 for slot in await r.json() if slot.get("is_processing")))
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*asks)
+        assert most == 2, "the two requests never ran at the same time"
     finally:
         llama.stop()
 

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -123,10 +124,26 @@ class LlamaCppBackend:
                    raw: bytes | None = None, protocol: str = "chat") -> Upstream:
         # llama-server serves Messages and Responses natively: their bytes go through to their path.
         native = protocol != "chat"
-        path = PROTOCOLS[protocol].path
         plan = None if native else self.cache.plan(body, headers.get("x-session-id"))
-        if plan is not None:
-            self.cache.reserve(plan, conversation=TASK not in headers)
+        if plan is None:
+            return await self._exchange(body, stream, raw, protocol, None)
+        # From here until its answer ends the request occupies its slot: others are planned around it.
+        ended = self.cache.occupy(plan, conversation=TASK not in headers)
+        try:
+            upstream = await self._exchange(body, stream, raw, protocol, plan)
+        except BaseException:
+            ended()
+            raise
+        if not stream:  # read and assembled whole: the slot's work for it is done
+            ended()
+        else:
+            upstream.close = _then(ended, upstream.close)
+        return upstream
+
+    async def _exchange(self, body: dict[str, Any], stream: bool, raw: bytes | None, protocol: str,
+                        plan: Plan | None) -> Upstream:
+        native = protocol != "chat"
+        path = PROTOCOLS[protocol].path
         if plan is not None and plan.pin:  # several slots: the one holding this prefix, or one no hot one owns
             body, raw = {**body, "id_slot": plan.slot}, None
         if stream or native:
@@ -402,6 +419,14 @@ class LlamaCppBackend:
         self._http.close()
         if self._session is not None:
             await self._session.close()
+
+
+def _then(first: Callable[[], None], close: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    async def both() -> None:
+        first()
+        await close()
+
+    return both
 
 
 async def router_models(url: str, timeout: float = 5.0) -> list[str] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,10 @@ class SlotMemory:
     slots: int = 1
     held: dict[int, Held] = field(default_factory=dict)
     errors: list[float] = field(default_factory=list)  # |predicted - actual| / max(actual, 1), last 200
+    busy: dict[int, int] = field(default_factory=dict)  # requests sent to a slot whose answer has not ended
+    # Held slots by their prompt's last hash (a chained hash: equal means the same messages). Finds the
+    # slots holding exactly a prompt, or one it continues, without a pass over every slot of a wide server.
+    by_last: dict[bytes, set[int]] = field(default_factory=dict)
 
     def shared(self, prefix: Prefix, held: Held) -> int:
         """Tokens of `held` that a prompt with this prefix would find cached (the shared messages' share)."""
@@ -84,8 +89,12 @@ class SlotMemory:
         free or cold: a prompt that shares only a system prompt with a hot chat would otherwise alternate
         with it on one slot, each re-prefilling the other's turns forever. Then the most reused (minus,
         when every slot is hot, what its conversation would lose), a free slot, the least recently used."""
+        if prefix.hashes:  # an idle slot holding exactly this prompt: nothing can beat it
+            for slot in self.by_last.get(prefix.hashes[-1], ()):
+                if slot not in self.busy:
+                    return slot, self.held[slot].tokens, 0
         now = time.monotonic()
-        best: tuple[tuple[bool, int, bool, float], int, int, int] | None = None
+        best: tuple[tuple[bool, bool, int, bool, float], int, int, int] | None = None
         # The held slots, and the first free one (free slots are all alike): not every slot of a wide server.
         free = next((n for n in range(max(1, self.slots)) if n not in self.held), None)
         for slot in [*self.held, *(() if free is None else (free,))]:
@@ -100,7 +109,10 @@ class SlotMemory:
                     # past the first message (the system prompt every chat of a client shares) it is the
                     # same conversation branching (an edited or regenerated turn): its own slot
                     own = common >= 2
-            key = (own, gain - lost, held is None, -(held.at if held else 0.0))
+            # A slot still answering another request is taken only when no idle one is as good: with
+            # `id_slot` llama.cpp queues behind that answer (identical prompts sent together, a turn's
+            # tags and follow-ups) while an idle slot waits.
+            key = (own, slot not in self.busy, gain - lost, held is None, -(held.at if held else 0.0))
             if best is None or key > best[0]:
                 best = (key, slot, gain, lost)
         assert best is not None
@@ -108,19 +120,26 @@ class SlotMemory:
 
     def base(self, prefix: Prefix) -> Held | None:
         """The longest prompt a slot holds that this one wholly continues (its next turn), or None."""
-        best: Held | None = None
-        for held in self.held.values():
-            n = len(held.prefix.hashes)
-            if n and prefix.common(held.prefix) == n and (best is None or n > len(best.prefix.hashes)):
-                best = held
-        return best
+        for h in reversed(prefix.hashes):
+            slots = self.by_last.get(h)
+            if slots:
+                return max((self.held[n] for n in slots), key=lambda held: held.at)
+        return None
 
     def hot(self, slot: int, hot_for: float) -> Held | None:
         held = self.held.get(slot)
         return held if held is not None and held.hot(time.monotonic(), hot_for) else None
 
     def remember(self, slot: int, prefix: Prefix, tokens: int, session: str | None, conversation: bool = True) -> None:
+        old = self.held.get(slot)
+        if old is not None and old.prefix.hashes:
+            same = self.by_last[old.prefix.hashes[-1]]
+            same.discard(slot)
+            if not same:
+                del self.by_last[old.prefix.hashes[-1]]
         self.held[slot] = Held(prefix, tokens, session, conversation=conversation)
+        if prefix.hashes:
+            self.by_last.setdefault(prefix.hashes[-1], set()).add(slot)
 
     def score(self, predicted: int, actual: int) -> None:
         self.errors.append(abs(predicted - actual) / max(actual, 1))
@@ -129,6 +148,8 @@ class SlotMemory:
     def forget(self) -> None:
         """The server restarted (a crash): every slot is empty."""
         self.held.clear()
+        self.busy.clear()
+        self.by_last.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +208,27 @@ class SlotCache:
         if tokens is None:  # nothing learned yet: a typical 4 bytes per token is enough to compare slots
             tokens = (plan.prefix.tool_bytes + (plan.prefix.sizes[-1] if plan.prefix.sizes else 0)) // 4
         self.memory.remember(plan.slot, plan.prefix, max(1, tokens), plan.session, conversation)
+
+    def occupy(self, plan: Plan, conversation: bool = True) -> Callable[[], None]:
+        """`reserve`, and count the request on its slot until the returned callable (idempotent) says
+        its answer ended."""
+        self.reserve(plan, conversation)
+        busy, slot = self.memory.busy, plan.slot
+        busy[slot] = busy.get(slot, 0) + 1
+        done = False
+
+        def ended() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            n = busy.get(slot, 0) - 1
+            if n > 0:
+                busy[slot] = n
+            else:
+                busy.pop(slot, None)  # also after forget() emptied it: never below zero
+
+        return ended
 
     def evicts(self, body: dict[str, Any], session: str | None) -> str | None:
         """Why serving this request now would throw away a warm conversation's prefix, or None."""

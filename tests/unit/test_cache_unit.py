@@ -258,3 +258,41 @@ def test_two_tasks_sent_together_share_the_task_slot_not_the_conversations() -> 
     cache.reserve(tags, conversation=False)  # on its way to the free slot
     follow_ups = cache.plan(body("### Task: follow-ups " + "a" * 4400), "A")
     assert follow_ups.slot == tags.slot and cache.evicts(body("### Task: follow-ups"), "A") is None
+
+
+def test_identical_prompts_sent_together_take_an_idle_slot_not_the_busy_one() -> None:
+    """With `id_slot`, llama.cpp queues a request behind the answer its slot is still giving: the same
+    prompt sent twice at once (a batch client, a retry) went to one slot while another stayed idle."""
+    cache = SlotCache(hot_for=300)
+    cache.memory.slots = 3
+    prompt = body("the same question " * 50)
+    first = cache.plan(prompt, None)
+    ended = cache.occupy(first)
+    second = cache.plan(prompt, None)
+    assert second.slot != first.slot
+    ended()
+    ended()  # idempotent: a stream's close after an error's clean-up
+    assert cache.memory.busy == {}
+    assert cache.plan(prompt, None).slot == first.slot  # idle again, and it holds the prompt
+
+
+def test_a_busy_slot_is_still_taken_rather_than_evicting_a_hot_conversation() -> None:
+    cache = SlotCache(hot_for=300)
+    cache.memory.slots = 2
+    chat = body("a" * 4000)
+    cache.settled(cache.plan(chat, "A"), {"prompt_tokens": 1000}, {"cache_n": 0, "prompt_n": 1000})
+    tags = cache.plan(body("### Task: tags " + "a" * 4400), "A")
+    cache.occupy(tags, conversation=False)  # still answering
+    follow_ups = cache.plan(body("### Task: follow-ups " + "a" * 4400), "A")
+    assert follow_ups.slot == tags.slot  # waits for the tags rather than throw away chat A's prefix
+
+
+def test_a_crash_forgets_the_slots_in_use_and_a_late_end_never_counts_below_zero() -> None:
+    cache = SlotCache(hot_for=300)
+    cache.memory.slots = 2
+    ended = cache.occupy(cache.plan(body("x" * 400), None))
+    cache.memory.forget()
+    ended()
+    assert cache.memory.busy == {}
+    cache.occupy(cache.plan(body("y" * 400), None))
+    assert sum(cache.memory.busy.values()) == 1
