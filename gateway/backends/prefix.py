@@ -122,8 +122,8 @@ class SlotMemory:
         """The longest prompt a slot holds that this one wholly continues (its next turn), or None."""
         for h in reversed(prefix.hashes):
             slots = self.by_last.get(h)
-            if slots:
-                return max((self.held[n] for n in slots), key=lambda held: held.at)
+            if slots:  # several slots holding the same prompt hold the same tokens: any one will do
+                return self.held[next(iter(slots))]
         return None
 
     def hot(self, slot: int, hot_for: float) -> Held | None:
