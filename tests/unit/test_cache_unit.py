@@ -255,8 +255,9 @@ def test_two_tasks_sent_together_share_the_task_slot_not_the_conversations() -> 
     chat = body("a" * 4000)
     cache.settled(cache.plan(chat, "A"), {"prompt_tokens": 1000}, {"cache_n": 0, "prompt_n": 1000})
     tags = cache.plan(body("### Task: tags " + "a" * 4400), "A")
-    cache.reserve(tags, conversation=False)  # on its way to the free slot
+    cache.occupy(tags, conversation=False)  # sent to the free slot, still answering
     follow_ups = cache.plan(body("### Task: follow-ups " + "a" * 4400), "A")
+    # it waits for the tags (a busy slot) rather than throw away chat A's prefix
     assert follow_ups.slot == tags.slot and cache.evicts(body("### Task: follow-ups"), "A") is None
 
 
@@ -274,17 +275,6 @@ def test_identical_prompts_sent_together_take_an_idle_slot_not_the_busy_one() ->
     ended()  # idempotent: a stream's close after an error's clean-up
     assert cache.memory.busy == {}
     assert cache.plan(prompt, None).slot == first.slot  # idle again, and it holds the prompt
-
-
-def test_a_busy_slot_is_still_taken_rather_than_evicting_a_hot_conversation() -> None:
-    cache = SlotCache(hot_for=300)
-    cache.memory.slots = 2
-    chat = body("a" * 4000)
-    cache.settled(cache.plan(chat, "A"), {"prompt_tokens": 1000}, {"cache_n": 0, "prompt_n": 1000})
-    tags = cache.plan(body("### Task: tags " + "a" * 4400), "A")
-    cache.occupy(tags, conversation=False)  # still answering
-    follow_ups = cache.plan(body("### Task: follow-ups " + "a" * 4400), "A")
-    assert follow_ups.slot == tags.slot  # waits for the tags rather than throw away chat A's prefix
 
 
 def test_a_crash_forgets_the_slots_in_use_and_a_late_end_never_counts_below_zero() -> None:
