@@ -55,6 +55,23 @@ def _dechunk(body: bytes) -> bytes:
         pos = eol + 4 + size
 
 
+async def exchange_alone(upstream: str, body: dict, n: int) -> list[float]:  # type: ignore[type-arg]
+    """Seconds per exchange with no proxy at all: a fresh connection, the streamed answer read to its end
+    (what every local request costs before any proxy adds to it; `bench.run` reports its p50)."""
+    u = urlsplit(upstream)
+    host, port, path = u.hostname or "127.0.0.1", u.port or 80, u.path.rstrip("/") + "/v1/chat/completions"
+    data = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
+    loop = asyncio.get_running_loop()
+    times = []
+    for _ in range(n):
+        t0 = loop.time()
+        reader, writer = await _exchange(host, port, path, data)
+        await reader.read()
+        writer.close()
+        times.append(loop.time() - t0)
+    return times
+
+
 def app(upstream: str) -> web.Application:
     u = urlsplit(upstream)
     host, port, path = u.hostname or "127.0.0.1", u.port or 80, u.path.rstrip("/") + "/v1/chat/completions"
