@@ -147,6 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # young generation was collected every request or two, ~7 % of the local path's CPU. Cycles are
     # still collected, just in larger, rarer batches (RSS stays flat in `make bench`).
     gc.set_threshold(10_000, 50, 100)
+    # The ledger's writer thread (and litellm's import thread at start) waits at most this long for the
+    # GIL while the loop is busy; 5 ms left commits 200-500 ms apart under load (decision 97).
     sys.setswitchinterval(0.001)
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(_serve(settings, host, port))

@@ -4,8 +4,8 @@
 empty, wakes the writer thread; the writer lets `BATCH_WINDOW` of rows gather, turns them into rows
 and commits them in one transaction. Under load a commit carries hundreds of rows instead of a few
 (one commit per request had cost 10 % of the local path's CPU), and the writer never waits for the
-event loop: a loop that is stalled or busy does not delay a commit (on uvloop a writer woken
-through the loop had stalled for seconds, decision 56). A row is committed within
+event loop: a loop that is stalled or busy does not delay a commit. One multi-row INSERT per chunk
+keeps the writer's GIL hand-overs few (decision 96: one per row starved it on uvloop). A row is committed within
 `DURABILITY_BOUND` (100 ms) of its request being recorded: a SIGKILL loses at most that. Nothing
 here can fail or slow a request, and nothing stops the writer: a failing disk is logged once per
 kind of failure and retried (rows are kept, up to `MAX_PENDING`); text SQLite cannot encode (a lone
